@@ -1,0 +1,76 @@
+"""The ``hiercls`` command line.
+
+Each command lives in its own module of this package and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to the function that
+runs it. Modules are discovered, so adding a command never edits this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from rich.console import Console
+
+from hiercls import __version__
+from hiercls.errors import HierclsError
+
+# Order of commands in `hiercls --help`; any other command module follows alphabetically.
+COMMAND_ORDER = ("fit", "predict", "evaluate", "cv", "explain", "audit", "taxonomy", "plugins")
+
+err_console = Console(stderr=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hiercls",
+        description="Hierarchical image classification on any label tree and any timm backbone.",
+        epilog="Run `hiercls COMMAND --help` for a command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"hiercls {__version__}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    ordered = [n for n in COMMAND_ORDER if n in names] + sorted(n for n in names if n not in COMMAND_ORDER)
+    for name in ordered:
+        module = importlib.import_module(f"{__name__}.{name}")
+        if hasattr(module, "register"):
+            module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except HierclsError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+
+
+def examples(*lines: str) -> str:
+    """An ``epilog`` with usage examples, for ``argparse`` with RawDescriptionHelpFormatter."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def add_command(subparsers, name: str, help: str, description: str, example_lines: tuple[str, ...]):
+    """Add a sub-command parser with the common look (description + examples)."""
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=examples(*example_lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

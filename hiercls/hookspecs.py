@@ -1,0 +1,49 @@
+"""Plugin hook specifications (pluggy), in the shape of the ``llm`` and ``pytest`` tools.
+
+A plugin is a module or package with functions marked ``@hiercls.hookimpl``; installed
+packages expose theirs through the entry-point group ``hiercls``::
+
+    [project.entry-points.hiercls]
+    torchvision = "hiercls_torchvision"
+
+Built-in backbones (timm) and losses are registered through the very same hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("hiercls")
+hookimpl = pluggy.HookimplMarker("hiercls")
+
+
+@hookspec
+def register_backbones(register: Callable) -> None:
+    """Register backbone factories.
+
+    Call ``register(name, factory, prefix=False)`` once per model name, or once for a
+    whole family with ``prefix=True`` (then every name starting with ``name`` is routed to
+    the factory; e.g. ``register("tv/", factory, prefix=True)`` serves ``tv/googlenet``).
+
+    ``factory(name, pretrained=None, **kwargs)`` must return a ``torch.nn.Module`` whose
+    ``forward(images [B, 3, H, W])`` returns pooled features ``[B, num_features]`` and which
+    has an integer attribute ``num_features``. ``pretrained`` is ``None`` (random init) or
+    the path of a local weights file. A factory may also expose ``feature_layer`` (the
+    module Grad-CAM hooks) and ``is_vit``/``patch_grid`` for token models.
+    """
+
+
+@hookspec
+def register_losses(register: Callable) -> None:
+    """Register loss factories.
+
+    Call ``register(name, factory)``. ``factory(context: hiercls.losses.LossContext,
+    **options)`` returns a ``torch.nn.Module`` called as ``module(logits [B, C],
+    target_mask [B, C] bool) -> per-sample loss [B]``. ``target_mask`` marks the classes
+    consistent with each label (one per row for an exact label; several in a flat model
+    for a label given only at an internal node). The context names the decision (an
+    internal node, or ``None`` for a flat softmax over leaves), its classes, the training
+    counts per class and the taxonomy, so class weights and tree-aware losses are possible.
+    """
