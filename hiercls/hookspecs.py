@@ -30,8 +30,9 @@ def register_backbones(register: Callable) -> None:
     ``factory(name, pretrained=None, **kwargs)`` must return a ``torch.nn.Module`` whose
     ``forward(images [B, 3, H, W])`` returns pooled features ``[B, num_features]`` and which
     has an integer attribute ``num_features``. ``pretrained`` is ``None`` (random init) or
-    the path of a local weights file. A factory may also expose ``feature_layer`` (the
-    module Grad-CAM hooks) and ``is_vit``/``patch_grid`` for token models.
+    the path of a local weights file. A factory may also set ``gradcam_layer`` (the module
+    Grad-CAM hooks), ``is_token_model`` and ``num_prefix_tokens`` (ViT-like models whose
+    activations are tokens); ``hiercls.models.backbone.set_backbone_attributes`` helps.
     """
 
 

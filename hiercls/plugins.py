@@ -1,7 +1,17 @@
-"""The plugin manager: built-in plugins plus everything in the entry-point group ``hiercls``."""
+"""The plugin manager: built-in plugins plus everything in the entry-point group ``hiercls``.
+
+Built-ins (timm backbones, the standard losses) are registered first; installed plugins
+after them, so a plugin's exact name overrides a built-in one. A plugin that fails to
+import is skipped with a warning (and shown by ``hiercls plugins``) instead of breaking
+every command.
+"""
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import importlib.metadata
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
@@ -12,46 +22,124 @@ from hiercls import hookspecs
 from hiercls.errors import ConfigError
 
 BUILTIN_PLUGINS = ("hiercls.builtin.timm_backbones", "hiercls.builtin.losses")
+ENTRY_POINT_GROUP = "hiercls"
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "PluginInfo",
+    "Registration",
+    "backbone_registrations",
+    "find_backbone",
+    "find_loss",
+    "get_plugin_manager",
+    "loss_registrations",
+    "plugin_infos",
+]
 
 
 @dataclass(frozen=True)
 class Registration:
+    """One ``register(...)`` call: a name (or prefix), its factory and the plugin that made it."""
+
     name: str
     factory: Callable[..., Any]
     plugin: str
     prefix: bool = False
 
 
+@dataclass(frozen=True)
+class PluginInfo:
+    """A plugin as ``hiercls plugins`` lists it."""
+
+    name: str
+    module: str
+    distribution: str | None = None
+    version: str | None = None
+    hooks: tuple[str, ...] = ()
+    error: str | None = None
+
+
+_distributions: dict[str, tuple[str | None, str | None, str]] = {}
+_failures: dict[str, PluginInfo] = {}
+
+
 @lru_cache(maxsize=1)
 def get_plugin_manager() -> pluggy.PluginManager:
-    import importlib
-
+    """The process-wide plugin manager (built once)."""
     pm = pluggy.PluginManager("hiercls")
     pm.add_hookspecs(hookspecs)
     for module_name in BUILTIN_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
-    pm.load_setuptools_entrypoints("hiercls")
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(entry_point.name) is not None or pm.is_blocked(entry_point.name):
+            continue
+        dist = getattr(entry_point, "dist", None)
+        dist_name = getattr(dist, "name", None) if dist else None
+        dist_version = getattr(dist, "version", None) if dist else None
+        try:
+            plugin = entry_point.load()
+            pm.register(plugin, name=entry_point.name)
+        except Exception as exc:  # a broken third-party plugin must not break hiercls
+            message = f"{type(exc).__name__}: {exc}"
+            _failures[entry_point.name] = PluginInfo(
+                entry_point.name, entry_point.value, dist_name, dist_version, (), message
+            )
+            warnings.warn(
+                f"plugin '{entry_point.name}' ({entry_point.value}"
+                + (f", distribution {dist_name}" if dist_name else "")
+                + f") failed to load and is ignored: {message}. Reinstall or uninstall it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        _distributions[entry_point.name] = (dist_name, dist_version, entry_point.value)
     return pm
 
 
+def plugin_infos() -> list[PluginInfo]:
+    """Every plugin: built-ins first, then installed ones, then those that failed to load."""
+    pm = get_plugin_manager()
+    infos = []
+    for name, plugin in pm.list_name_plugin():
+        hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or ()))
+        dist_name, version, module = _distributions.get(name, (None, None, getattr(plugin, "__name__", name)))
+        infos.append(PluginInfo(name, module, dist_name, version, hooks))
+    builtin_first = sorted(infos, key=lambda i: (i.name not in BUILTIN_PLUGINS, i.name))
+    return builtin_first + list(_failures.values())
+
+
 def _collect(hook_name: str) -> list[Registration]:
+    """Call every implementation of a ``register_*`` hook and gather what it registers.
+
+    Order: built-ins first, installed plugins after (later registrations override).
+    """
     pm = get_plugin_manager()
     found: list[Registration] = []
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
 
-        def register(name: str, factory: Callable[..., Any], prefix: bool = False, _p=plugin_name):
+        def register(name: str, factory: Callable[..., Any], prefix: bool = False, _p: str = plugin_name) -> None:
             found.append(Registration(name, factory, _p, prefix))
 
-        impl.function(register=register)
+        try:
+            impl.function(register=register)
+        except Exception as exc:  # a plugin bug: skip it, keep the others usable
+            warnings.warn(
+                f"plugin '{plugin_name}' failed in {hook_name} and is ignored: {type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return found
 
 
 def backbone_registrations() -> list[Registration]:
+    """All backbone names and prefixes registered by built-ins and plugins."""
     return _collect("register_backbones")
 
 
 def loss_registrations() -> list[Registration]:
+    """All losses registered by built-ins and plugins."""
     return _collect("register_losses")
 
 
@@ -61,17 +149,24 @@ def find_backbone(name: str) -> Registration:
     exact = [r for r in regs if not r.prefix and r.name == name]
     if exact:
         return exact[-1]
-    prefixed = sorted((r for r in regs if r.prefix and name.startswith(r.name)), key=lambda r: -len(r.name))
+    prefixed = [r for r in regs if r.prefix and name.startswith(r.name)]
     if prefixed:
-        return prefixed[0]
+        longest = max(len(r.name) for r in prefixed)
+        return [r for r in prefixed if len(r.name) == longest][-1]
     raise ConfigError(
-        f"unknown backbone '{name}'. Use a timm model name (see `hiercls plugins --backbones`) "
+        f"unknown backbone '{name}'. Use a timm model name (see `hiercls plugins --list-timm PATTERN`) "
         "or install a plugin that provides it."
     )
 
 
 def find_loss(name: str) -> Registration:
+    """The registration of the loss called ``name`` (a plugin's overrides a built-in)."""
     regs = {r.name: r for r in loss_registrations()}
     if name not in regs:
-        raise ConfigError(f"unknown loss '{name}'; available: {', '.join(sorted(regs))}")
+        close = difflib.get_close_matches(name, list(regs), n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(
+            f"unknown loss '{name}'{hint}; available: {', '.join(sorted(regs))}. "
+            "Losses from plugins appear once the plugin is installed (see `hiercls plugins`)."
+        )
     return regs[name]

@@ -1,0 +1,205 @@
+"""Group aggregation: from image predictions to one prediction per group (slide, patient).
+
+A diagnosis is made per slide, not per field of view. Hamdi et al. take the most frequent
+predicted label of a slide's images (``mode``); averaging the node probabilities of the images
+and decoding the mean (``mean``) uses the model's confidence as well. Both are
+``GroupAggregator`` subclasses, found by name in ``AGGREGATORS``; ``register_aggregator`` adds
+your own (see ``docs/aggregation.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from hiercls.errors import ConfigError, DataError
+from hiercls.probabilities import NodeProbabilities
+from hiercls.taxonomy import Taxonomy
+
+__all__ = [
+    "GroupAggregator",
+    "ModeAggregator",
+    "MeanAggregator",
+    "AGGREGATORS",
+    "get_aggregator",
+    "register_aggregator",
+    "group_rows",
+    "GroupTruth",
+    "aggregate_truth",
+]
+
+AggregateResult = tuple[list[str], list[str], NodeProbabilities | None]
+
+
+def group_rows(groups: Sequence[str | None]) -> tuple[list[str], list[np.ndarray]]:
+    """Group ids in order of first appearance, and the row indices of each.
+
+    Every row needs a group; rows without one must be dropped (or given their own) first.
+    """
+    missing = [i for i, g in enumerate(groups) if g is None or g == ""]
+    if missing:
+        raise DataError(
+            f"{len(missing)} row(s) have no group (first: row {missing[0]}); "
+            "give every image a group or drop those rows before aggregating"
+        )
+    rows: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        rows.setdefault(str(g), []).append(i)
+    return list(rows), [np.asarray(r, dtype=np.int64) for r in rows.values()]
+
+
+def _mean_probabilities(taxonomy: Taxonomy, probs: NodeProbabilities, rows: list[np.ndarray]) -> NodeProbabilities:
+    marginal = np.stack([probs.marginal[r].mean(axis=0) for r in rows]) if rows else np.zeros((0, taxonomy.num_nodes))
+    return NodeProbabilities.from_marginals(taxonomy, marginal)
+
+
+class GroupAggregator:
+    """Turns image predictions into one prediction per group.
+
+    Subclasses implement ``aggregate`` and set ``name``. Groups come back in order of first
+    appearance in ``groups``; ``group_probs`` is ``None`` when the aggregator has no
+    probabilities to report.
+    """
+
+    name: ClassVar[str] = ""
+
+    def aggregate(
+        self,
+        taxonomy: Taxonomy,
+        groups: Sequence[str | None],
+        pred_nodes: Sequence[str],
+        probs: NodeProbabilities | None,
+    ) -> AggregateResult:
+        raise NotImplementedError
+
+    @staticmethod
+    def _check(groups: Sequence[str | None], pred_nodes: Sequence[str], probs: NodeProbabilities | None) -> None:
+        if len(groups) != len(pred_nodes):
+            raise ValueError(f"{len(groups)} groups but {len(pred_nodes)} predictions")
+        if probs is not None and len(probs) != len(pred_nodes):
+            raise ValueError(f"{len(pred_nodes)} predictions but {len(probs)} probability rows")
+
+
+class ModeAggregator(GroupAggregator):
+    """Majority vote of the images' predicted nodes (Hamdi et al.'s slide-level rule).
+
+    Ties are broken deterministically: among the most frequent nodes, the one with the
+    highest summed marginal probability over the group's images wins (when probabilities are
+    given); remaining ties go to the node predicted first in the group's row order. When
+    probabilities are given, the group's mean probabilities are returned with the vote, so
+    ranking metrics (AUROC) can be computed per group.
+    """
+
+    name = "mode"
+
+    def aggregate(self, taxonomy, groups, pred_nodes, probs):
+        self._check(groups, pred_nodes, probs)
+        group_ids, rows = group_rows(groups)
+        winners = []
+        for r in rows:
+            first: dict[str, int] = {}
+            counts: dict[str, int] = {}
+            for order, i in enumerate(r):
+                node = pred_nodes[i]
+                first.setdefault(node, order)
+                counts[node] = counts.get(node, 0) + 1
+
+            def key(node: str, r=r) -> tuple[int, float, int]:
+                mass = float(probs.marginal[r, taxonomy.index[node]].sum()) if probs is not None else 0.0
+                return (counts[node], mass, -first[node])
+
+            winners.append(max(counts, key=key))
+        group_probs = _mean_probabilities(taxonomy, probs, rows) if probs is not None else None
+        return group_ids, winners, group_probs
+
+
+class MeanAggregator(GroupAggregator):
+    """Average the images' marginal probabilities per group, then decode the mean.
+
+    Decoding is greedy by default (``decode="threshold"`` stops at a node whose best child is
+    below ``threshold``). Needs probabilities.
+    """
+
+    name = "mean"
+
+    def __init__(self, decode: str = "greedy", threshold: float = 0.5):
+        self.decode = decode
+        self.threshold = threshold
+
+    def aggregate(self, taxonomy, groups, pred_nodes, probs):
+        self._check(groups, pred_nodes, probs)
+        if probs is None:
+            raise ConfigError(
+                "the 'mean' aggregator needs node probabilities (p: columns in the predictions CSV); "
+                "use --aggregator mode for predictions without them"
+            )
+        group_ids, rows = group_rows(groups)
+        group_probs = _mean_probabilities(taxonomy, probs, rows)
+        return group_ids, group_probs.decode(self.decode, self.threshold), group_probs
+
+
+AGGREGATORS: dict[str, type[GroupAggregator]] = {"mode": ModeAggregator, "mean": MeanAggregator}
+
+
+def register_aggregator(name: str, cls: type[GroupAggregator]) -> None:
+    """Make ``cls`` available as ``--aggregator name``."""
+    if not (isinstance(cls, type) and issubclass(cls, GroupAggregator)):
+        raise TypeError(f"{cls!r} is not a GroupAggregator subclass")
+    AGGREGATORS[name] = cls
+
+
+def get_aggregator(name: str, **options) -> GroupAggregator:
+    """An aggregator instance by name; ``ConfigError`` listing the choices when unknown.
+
+    A name not registered yet may come from an installed plugin package that calls
+    ``register_aggregator`` when imported, so the plugins are loaded before giving up.
+    """
+    cls = AGGREGATORS.get(name)
+    if cls is None:
+        from hiercls.plugins import get_plugin_manager
+
+        get_plugin_manager()  # imports installed plugins (entry-point group "hiercls")
+        cls = AGGREGATORS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown aggregator '{name}'; choose one of {', '.join(sorted(AGGREGATORS))}")
+    return cls(**options)
+
+
+@dataclass
+class GroupTruth:
+    """One true label per group, and which groups had images with different labels."""
+
+    group_ids: list[str]
+    true_nodes: list[str | None]
+    mixed_groups: list[str]
+
+    @property
+    def n_mixed(self) -> int:
+        return len(self.mixed_groups)
+
+
+def aggregate_truth(groups: Sequence[str | None], true_nodes: Sequence[str | None]) -> GroupTruth:
+    """The label of each group: the one its images agree on, else the most frequent.
+
+    Ties among the most frequent labels go to the one seen first. Unlabelled images (``None``)
+    are ignored; a group with no labelled image gets ``None``. Groups come in order of first
+    appearance, the same order as ``GroupAggregator.aggregate``.
+    """
+    if len(groups) != len(true_nodes):
+        raise ValueError(f"{len(groups)} groups but {len(true_nodes)} labels")
+    group_ids, rows = group_rows(groups)
+    labels: list[str | None] = []
+    mixed: list[str] = []
+    for gid, r in zip(group_ids, rows):
+        counts: dict[str, int] = {}
+        for i in r:
+            if true_nodes[i] is not None:
+                counts[true_nodes[i]] = counts.get(true_nodes[i], 0) + 1
+        if len(counts) > 1:
+            mixed.append(gid)
+        # dicts keep insertion order and max() returns the first maximum: first seen wins.
+        labels.append(max(counts, key=counts.__getitem__) if counts else None)
+    return GroupTruth(group_ids, labels, mixed)

@@ -1,0 +1,140 @@
+"""Batch augmentation on the device: uint8 NHWC batches in, normalised float NCHW out.
+
+Images are decoded once into a uint8 cache; augmenting whole batches on the GPU (one
+affine grid for crop + flips + 90° rotations, then colour jitter) keeps the accelerator
+fed without CPU worker processes. Random parameters are drawn on the CPU from a
+``torch.Generator``, so a seed gives the same augmentations on any device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hiercls.config import AugmentConfig
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BatchAugment", "normalize", "to_float_nchw"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_GRAY = (0.299, 0.587, 0.114)
+
+
+def to_float_nchw(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [0, 1]."""
+    if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 batch [B, H, W, 3], got {tuple(batch.shape)} {batch.dtype}")
+    return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(
+    batch: torch.Tensor,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """The evaluation transform: uint8 NHWC -> normalised float NCHW (no randomness)."""
+    x = to_float_nchw(batch)
+    return _standardize(x, mean, std, channels_last)
+
+
+def _standardize(x: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+class BatchAugment:
+    """Training transform: random resized crop, flips, rot90 and colour jitter, vectorised.
+
+    ``augment(batch_uint8_nhwc, generator) -> float [B, 3, H, W]`` normalised with ``mean`` /
+    ``std`` (the backbone's pretrained statistics). Output size equals input size.
+    """
+
+    def __init__(
+        self,
+        config: AugmentConfig | None = None,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        channels_last: bool = False,
+    ):
+        self.config = config or AugmentConfig()
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.channels_last = channels_last
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = to_float_nchw(batch)
+        b, _, h, w = x.shape
+        theta = self._affine(b, square=(h == w), generator=generator)
+        if not torch.equal(theta, _identity(b)):
+            theta = theta.to(device=x.device, dtype=x.dtype)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        if self.config.color_jitter > 0:
+            x = self._jitter(x, generator)
+        return _standardize(x, self.mean, self.std, self.channels_last)
+
+    # -- geometry ------------------------------------------------------------------------
+
+    def _affine(self, b: int, square: bool, generator: torch.Generator | None) -> torch.Tensor:
+        """``[B, 2, 3]`` output->input maps: crop scale/offset composed with flips and rot90."""
+        cfg = self.config
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(*shape, generator=generator)
+
+        # Random resized crop: area fraction and aspect ratio (log-uniform), centre offset.
+        log_r = torch.tensor([math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])])
+        area = cfg.crop_scale[0] + (cfg.crop_scale[1] - cfg.crop_scale[0]) * rand(b)
+        ratio = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * rand(b))
+        sx = torch.sqrt(area * ratio).clamp(max=1.0)
+        sy = torch.sqrt(area / ratio).clamp(max=1.0)
+        tx = (2 * rand(b) - 1) * (1 - sx)
+        ty = (2 * rand(b) - 1) * (1 - sy)
+        linear = torch.zeros(b, 2, 2)
+        linear[:, 0, 0] = sx
+        linear[:, 1, 1] = sy
+
+        # Orientation: rot90 (square images only) then flips, as exact 2x2 integer maps.
+        k = torch.randint(0, 4, (b,), generator=generator) if cfg.rot90 and square else torch.zeros(b, dtype=torch.long)
+        angle = k.float() * (math.pi / 2)
+        cos, sin = torch.cos(angle).round(), torch.sin(angle).round()
+        rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        fx = torch.where(rand(b) < 0.5, -1.0, 1.0) if cfg.hflip else torch.ones(b)
+        fy = torch.where(rand(b) < 0.5, -1.0, 1.0) if cfg.vflip else torch.ones(b)
+        flip = torch.diag_embed(torch.stack([fx, fy], -1))
+        theta = torch.zeros(b, 2, 3)
+        theta[:, :, :2] = linear @ rot @ flip
+        theta[:, 0, 2] = tx
+        theta[:, 1, 2] = ty
+        return theta
+
+    # -- colour --------------------------------------------------------------------------
+
+    def _jitter(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        s = self.config.color_jitter
+        b = x.shape[0]
+
+        def factor() -> torch.Tensor:
+            return (1 + s * (2 * torch.rand(b, generator=generator) - 1)).to(x.device).view(b, 1, 1, 1)
+
+        brightness, contrast, saturation = factor(), factor(), factor()
+        weights = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        x = x * brightness
+        gray = (x * weights).sum(1, keepdim=True)
+        x = (x - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)
+        gray = (x * weights).sum(1, keepdim=True)
+        x = (x - gray) * saturation + gray
+        return x.clamp_(0.0, 1.0)
+
+
+def _identity(b: int) -> torch.Tensor:
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = 1
+    theta[:, 1, 1] = 1
+    return theta

@@ -1,0 +1,292 @@
+"""``hiercls evaluate``: metrics, group-level metrics and a report from predictions or a trained run.
+
+Every command module is imported to build ``hiercls --help``, so the heavy imports (scikit-learn,
+matplotlib, torch) happen inside ``run``, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from hiercls.aggregate import AGGREGATORS, aggregate_truth, get_aggregator
+from hiercls.cli import add_command
+from hiercls.errors import ConfigError, DataError
+from hiercls.probabilities import DECODE_METHODS
+from hiercls.taxonomy import Taxonomy, load_taxonomy
+
+if TYPE_CHECKING:
+    from hiercls.predictions import PredictionSet
+
+console = Console()
+
+
+def register(subparsers) -> None:
+    parser = add_command(
+        subparsers,
+        "evaluate",
+        help="metrics and a report from a predictions CSV or a trained run",
+        description=textwrap.fill(
+            "Compute flat and hierarchical metrics (accuracy, macro-F1, hP/hR/hF, per-level accuracy, "
+            "per-class P/R/F1, AUROC per node, mistake severity, calibration) from a predictions CSV "
+            "(as written by `hiercls predict`), or predict with a trained run first. With --group-by, "
+            "image predictions are also aggregated per group (slide, patient) and scored at group "
+            "level. Writes OUT/metrics.json, OUT/report.md and confusion-matrix PNGs.",
+            width=88,
+        ),
+        example_lines=(
+            "hiercls evaluate --predictions preds.csv --taxonomy taxonomy/leukemia.yaml --out eval/",
+            "hiercls evaluate --predictions preds.csv --taxonomy T.yaml --out eval/ --group-by group --aggregator mean",
+            "hiercls evaluate --predictions preds.csv --taxonomy T.yaml --out eval/ --decode threshold --threshold 0.7",
+            "hiercls evaluate --run runs/joint --data test_manifest.csv --out runs/joint/eval --group-by group",
+        ),
+    )
+    source = parser.add_argument_group("what to evaluate (give --predictions or --run)")
+    source.add_argument("--predictions", metavar="CSV", help="predictions CSV: path,label,group,prediction,p:<node>...")
+    source.add_argument("--taxonomy", metavar="YAML", help="tree the predictions were made with (for --predictions)")
+    source.add_argument("--run", metavar="RUN", help="trained run directory to predict with")
+    source.add_argument("--data", metavar="PATH", help="images to predict with --run: class folders or a CSV manifest")
+    source.add_argument(
+        "--checkpoint", choices=("best", "last"), default="best", help="checkpoint of --run (default best)"
+    )
+    source.add_argument("--group-regex", metavar="REGEX", help="with --run: group of each image from its file name")
+    source.add_argument("--batch-size", type=int, metavar="N", help="with --run: batch size for prediction")
+    source.add_argument("--device", default="auto", help="with --run: auto, cpu, cuda or cuda:N (default: auto)")
+
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json, report.md and figures")
+    parser.add_argument("--group-by", metavar="COLUMN", help="also evaluate per group of this column (e.g. group)")
+    parser.add_argument(
+        "--aggregator", default="mode", metavar="NAME",
+        help=f"how a group's images make one prediction: {', '.join(AGGREGATORS)} (default: mode)",
+    )
+    parser.add_argument(
+        "--decode", choices=DECODE_METHODS,
+        help="re-decode predictions from the probabilities (default: the CSV's prediction column / the run's rule)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="stop threshold of --decode threshold (default 0.5)"
+    )
+    parser.add_argument("--title", default="Evaluation report", help="title of report.md")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/metrics.json and report")
+    parser.set_defaults(func=run)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if bool(args.predictions) == bool(args.run):
+        raise ConfigError("give either --predictions CSV (with --taxonomy) or --run RUN (with --data), not both")
+    if args.predictions and not args.taxonomy:
+        raise ConfigError("--predictions needs --taxonomy: the tree the predictions were made with")
+    if args.run and not args.data:
+        raise ConfigError("--run needs --data: the labelled images to evaluate on")
+    if args.predictions and (args.data or args.group_regex):
+        raise ConfigError("--data and --group-regex go with --run; a predictions CSV names its images and groups")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ConfigError(f"--threshold must lie in [0, 1], got {args.threshold}")
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder; choose a folder")
+    owned = [out / "metrics.json", out / "report.md"] + ([out / "predictions.csv"] if args.run else [])
+    existing = [p for p in owned if p.exists()]
+    if existing and not args.overwrite:
+        raise ConfigError(
+            f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out"
+        )
+    return out
+
+
+def _predict_with_run(args: argparse.Namespace, out: Path) -> tuple[Taxonomy, PredictionSet]:
+    from hiercls.data import load_images
+    from hiercls.inference import decode, load_run, predict_table
+    from hiercls.predictions import PredictionSet, write_predictions_csv
+
+    loaded = load_run(args.run, which=args.checkpoint)
+    taxonomy = loaded.taxonomy
+    if args.taxonomy:
+        given = load_taxonomy(args.taxonomy)
+        if given.fingerprint != taxonomy.fingerprint:
+            raise ConfigError(
+                f"--taxonomy {args.taxonomy} is not the tree run {args.run} was trained on; leave --taxonomy out"
+            )
+    table = load_images(args.data, taxonomy, group_regex=args.group_regex, require_labels=False)
+    if args.group_by == "group" and not any(table.groups):
+        raise DataError(
+            f"--group-by group: no image of {args.data} has a group; give --group-regex or a manifest "
+            "with a group column, or leave --group-by out"
+        )
+    if all(label is None for label in table.labels):
+        raise DataError(f"{args.data}: no image has a label; evaluation needs labelled images")
+    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, console=console)
+    predictions = probs.decode(args.decode, args.threshold) if args.decode else decode(probs, loaded.config)
+    paths = [str(p) for p in table.paths]
+    labels, groups = list(table.labels), list(table.groups)
+    csv_path = write_predictions_csv(out / "predictions.csv", probs, paths, labels, groups, predictions)
+    console.print(f"wrote {csv_path}")
+    return taxonomy, PredictionSet(paths, labels, groups, predictions, probs, source=str(args.data))
+
+
+def _group_values(preds: PredictionSet, column: str, from_run: bool) -> list[str | None]:
+    """The group of every row, from the ``group`` column or another column of the CSV."""
+    if column == "group":
+        values = preds.groups
+    elif column in preds.extra:
+        values = [v or None for v in preds.extra[column]]
+    else:
+        available = ", ".join(["group", *preds.extra])
+        raise ConfigError(f"--group-by {column}: {preds.source} has no column '{column}' (available: {available})")
+    if all(v is None for v in values):
+        hint = " (or give --group-regex)" if from_run else ""
+        raise DataError(
+            f"--group-by {column}: no row of {preds.source} has a {column} value; fill the column{hint} "
+            "or leave --group-by out"
+        )
+    return list(values)
+
+
+def _group_metrics(
+    taxonomy: Taxonomy,
+    preds: PredictionSet,
+    pred_nodes: list[str],
+    groups: list[str | None],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Aggregate per group (images without a group value are left out) and evaluate the groups."""
+    from hiercls.metrics import evaluate_predictions
+
+    options = {"decode": args.decode or "greedy", "threshold": args.threshold} if args.aggregator == "mean" else {}
+    aggregator = get_aggregator(args.aggregator, **options)
+    keep = [i for i, g in enumerate(groups) if g is not None]
+    notes = []
+    if len(keep) < len(groups):
+        notes.append(f"{len(groups) - len(keep)} image(s) without a {args.group_by} value left out")
+    kept_groups = [groups[i] for i in keep]
+    probs = preds.probs[np.asarray(keep, dtype=np.int64)] if preds.probs is not None else None
+    group_ids, group_preds, group_probs = aggregator.aggregate(
+        taxonomy, kept_groups, [pred_nodes[i] for i in keep], probs
+    )
+    truth = aggregate_truth(kept_groups, [preds.labels[i] for i in keep])
+    if all(t is None for t in truth.true_nodes):
+        raise DataError(f"--group-by {args.group_by}: no group has a labelled image; group metrics need labels")
+    metrics = evaluate_predictions(taxonomy, truth.true_nodes, group_preds, group_probs)
+    metrics["notes"] = notes + [n.replace("row(s)", "group(s)") for n in metrics["notes"]]
+    if truth.n_mixed:
+        metrics["notes"].append(
+            f"{truth.n_mixed} group(s) hold images with different labels; their label is the most frequent one"
+        )
+    metrics.update(
+        n_groups=len(group_ids),
+        n_mixed_groups=truth.n_mixed,
+        mixed_groups=truth.mixed_groups,
+        aggregator=args.aggregator,
+        group_by=args.group_by,
+    )
+    return metrics
+
+
+def _json_ready(value: Any) -> Any:
+    """Plain JSON types; NaN / inf become null rather than invalid JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+
+def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> None:
+    groups = metrics.get("groups")
+    table = Table(title="evaluation", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("images", justify="right")
+    if groups:
+        table.add_column("groups", justify="right")
+    auroc = lambda m: (m.get("auroc") or {}).get("leaf_macro")  # noqa: E731
+    rows = [
+        ("n", lambda m: m.get("n_groups", m["n_images"])),
+        ("accuracy", lambda m: m["accuracy"]),
+        ("macro-F1", lambda m: m["macro_f1"]),
+        ("hP", lambda m: m["hP"]),
+        ("hR", lambda m: m["hR"]),
+        ("hF", lambda m: m["hF"]),
+        ("AUROC (leaves)", auroc),
+        ("mistake severity", lambda m: m["mistake_severity"]["mean_distance"]),
+    ]
+    for node, value in metrics["per_level_accuracy"].items():
+        rows.append((f"acc {node}: " + " vs ".join(taxonomy.children(node)),
+                     lambda m, node=node: m["per_level_accuracy"].get(node)))
+    for name, get in rows:
+        cells = [_fmt(get(metrics))] + ([_fmt(get(groups))] if groups else [])
+        table.add_row(name, *cells)
+    console.print(table)
+    for note in metrics["notes"]:
+        console.print(f"[dim]note: {note}[/]", highlight=False)
+    for note in (groups or {}).get("notes", []):
+        console.print(f"[dim]note (groups): {note}[/]", highlight=False)
+    console.print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    from hiercls.checkpoint import atomic_write_json
+    from hiercls.metrics import evaluate_predictions
+    from hiercls.predictions import read_predictions_csv
+    from hiercls.report import write_report
+
+    _check_args(args)
+    out = _output_dir(args)
+    get_aggregator(args.aggregator)  # fail on an unknown name before any work
+
+    if args.predictions:
+        taxonomy = load_taxonomy(args.taxonomy)
+        preds = read_predictions_csv(args.predictions, taxonomy)
+    else:
+        taxonomy, preds = _predict_with_run(args, out)
+    if len(preds) == 0:
+        raise DataError(f"{preds.source}: no rows to evaluate")
+    if all(label is None for label in preds.labels):
+        raise DataError(
+            f"{preds.source}: no row has a label; evaluation compares predictions with true labels "
+            "(fill the label column, or give labelled data)"
+        )
+
+    pred_nodes = list(preds.predictions)
+    if args.decode:
+        if preds.probs is None:
+            raise ConfigError(f"--decode {args.decode} needs probabilities, but {preds.source} has no p: columns")
+        pred_nodes = preds.probs.decode(args.decode, args.threshold)
+
+    groups = _group_values(preds, args.group_by, from_run=bool(args.run)) if args.group_by else None
+    metrics = evaluate_predictions(taxonomy, preds.labels, pred_nodes, preds.probs)
+    if groups is not None:
+        metrics["groups"] = _group_metrics(taxonomy, preds, pred_nodes, groups, args)
+
+    metrics = _json_ready(metrics)
+    atomic_write_json(out / "metrics.json", metrics)
+    labelled = [i for i, t in enumerate(preds.labels) if t is not None]
+    write_report(
+        out, metrics, taxonomy, [preds.labels[i] for i in labelled], [pred_nodes[i] for i in labelled], title=args.title
+    )
+    _print_summary(metrics, taxonomy, out)
+    return 0

@@ -1,0 +1,74 @@
+"""``hiercls predict``: node probabilities and decoded predictions for a folder or manifest."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from hiercls.cli import add_command
+
+
+def register(subparsers) -> None:
+    p = add_command(
+        subparsers,
+        "predict",
+        help="predict every image of a folder or manifest with a trained run",
+        description=(
+            "Load a run's best (or last) checkpoint, predict a probability for every node of the "
+            "tree and write a CSV: path, label (when known), group, prediction, p:<node> per node. "
+            "Labels are optional: an unlabelled folder of images works too."
+        ),
+        example_lines=(
+            "hiercls predict --run runs/joint --data smears/ --out runs/joint/predictions.csv",
+            "hiercls predict --run runs/joint --data test/manifest.csv --out preds.csv --decode threshold --threshold 0.7",
+            "hiercls predict --run runs/joint --data new_slides/ --out preds.csv --group-regex '^(S\\d+)_'",
+        ),
+    )
+    p.add_argument("--run", required=True, metavar="RUN", help="run folder written by `hiercls fit`")
+    p.add_argument("--data", required=True, metavar="D", help="folder (class sub-folders or plain images) or manifest CSV")
+    p.add_argument("--out", required=True, metavar="preds.csv", help="predictions CSV to write")
+    p.add_argument("--group-regex", dest="group_regex", metavar="R", default=None, help="regex on file names giving the group")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="default: best")
+    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", default=None, help="default: the run's batch size")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="default: auto")
+    p.add_argument("--decode", choices=("greedy", "best_leaf", "threshold"), default=None, help="default: the run's decode rule")
+    p.add_argument("--threshold", type=float, default=None, metavar="X", help="for --decode threshold (default: the run's, 0.5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hiercls.data import load_images
+    from hiercls.errors import ConfigError
+    from hiercls.inference import load_run, predict_table
+    from hiercls.predictions import write_predictions_csv
+
+    console = Console(stderr=True)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out}: file exists; use --overwrite to replace it or choose another --out")
+    if out.exists() and out.is_dir():
+        raise ConfigError(f"{out}: is a folder; --out is the CSV file to write")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
+    loaded = load_run(args.run, args.checkpoint)
+    table = load_images(args.data, taxonomy=loaded.taxonomy, group_regex=args.group_regex, require_labels=False)
+    if len(table) == 0:
+        raise ConfigError(f"{args.data}: no images found")
+    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, progress=args.progress, console=console)
+    method = args.decode or loaded.config.decode
+    threshold = args.threshold if args.threshold is not None else loaded.config.threshold
+    predictions = probs.decode(method, threshold=threshold)
+    write_predictions_csv(out, probs, [str(p) for p in table.paths], table.labels, table.groups, predictions)
+    known = [(t, p) for t, p in zip(table.labels, predictions) if t is not None]
+    summary = f"wrote {len(table)} predictions to {out}"
+    if known:
+        correct = sum(t == p for t, p in known)
+        summary += f" (exact-match accuracy on {len(known)} labelled images: {correct / len(known):.3f})"
+    console.print(summary)
+    return 0

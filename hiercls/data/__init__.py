@@ -1,0 +1,23 @@
+"""Datasets (folders, manifests, groups), grouped splits, the decoded-image cache and the audit."""
+
+from hiercls.data.audit import AuditReport, audit
+from hiercls.data.cache import ImageCache, default_cache_dir
+from hiercls.data.dataset import ImageTable, load_images, write_manifest
+from hiercls.data.images import IMAGE_EXTENSIONS, open_rgb
+from hiercls.data.splits import group_warning, grouped_kfold, grouped_train_val_split, split_count_table
+
+__all__ = [
+    "AuditReport",
+    "IMAGE_EXTENSIONS",
+    "ImageCache",
+    "ImageTable",
+    "audit",
+    "default_cache_dir",
+    "group_warning",
+    "grouped_kfold",
+    "grouped_train_val_split",
+    "load_images",
+    "open_rgb",
+    "split_count_table",
+    "write_manifest",
+]

@@ -1,0 +1,234 @@
+"""Decode and resize every image once; later runs memory-map the result.
+
+Decoding JPEGs is the slowest part of training small models on a few thousand images.
+``ImageCache.load(paths, size)`` returns a ``uint8 [N, size, size, 3]`` array that is
+memory-mapped from ``<cache_dir>/<key>.npy``. The key hashes the identity of every file
+(absolute path, byte size, modification time in ns) and the target size, so the same
+images at the same size hit the cache and a changed file misses it.
+
+Images are resized whole to ``size x size`` (bicubic, aspect ratio not kept): blood-cell
+crops are near-square and squashing keeps every cell in view, where a centre crop could
+cut off the cell that carries the label.
+
+Entries are written under a temporary name in the cache folder and renamed into place
+(``os.replace``), the metadata file last, so a killed run never leaves a half entry that
+is later read. The folder can be deleted at any time. When a file list misses, rows for
+images already decoded at the same size in other entries (e.g. the whole dataset when a
+subset is asked for) are copied instead of decoded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from hiercls.data.images import open_rgb
+from hiercls.errors import DataError
+
+__all__ = ["ImageCache", "default_cache_dir", "decode_resized"]
+
+_FORMAT_VERSION = 1
+_PARALLEL_FROM = 32  # fewer images than this are decoded in the calling thread
+
+
+def default_cache_dir() -> Path:
+    """``$HIERCLS_CACHE`` when set, else ``~/.cache/hiercls``."""
+    env = os.environ.get("HIERCLS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hiercls"
+
+
+def decode_resized(path: str | Path, size: int) -> np.ndarray:
+    """One image as ``uint8 [size, size, 3]``: RGB, resized whole with bicubic interpolation."""
+    image = open_rgb(path)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _identity(path: Path) -> tuple[str, int, int]:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found; it was listed but has been moved or deleted") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read image file ({exc.strerror or exc})") from None
+    return (str(path), int(stat.st_size), int(stat.st_mtime_ns))
+
+
+class ImageCache:
+    """A folder of decoded, resized image arrays keyed by file identity and size."""
+
+    def __init__(self, cache_dir: str | Path | None = None, workers: int | None = None):
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        #: images decoded by the last ``load`` call (0 on a full cache hit)
+        self.last_decoded = 0
+
+    def key(self, paths: Sequence[str | Path], size: int) -> str:
+        """The cache key of a file list at a size (order of ``paths`` does not matter)."""
+        identities = sorted(_identity(Path(os.path.abspath(p))) for p in paths)
+        return self._key(identities, size)
+
+    @staticmethod
+    def _key(identities: list[tuple[str, int, int]], size: int) -> str:
+        blob = json.dumps({"v": _FORMAT_VERSION, "size": int(size), "files": identities})
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def load(self, paths: Sequence[str | Path], size: int, progress: bool = True) -> np.ndarray:
+        """``uint8 [N, size, size, 3]`` images in the order of ``paths``.
+
+        A copy-on-write memory map (writes stay in memory; the cache file never changes)
+        when the entry was stored in this order, which is always the case for the call that
+        created it; an in-memory copy in the requested order otherwise. Unreadable images
+        raise ``DataError`` naming the file (run ``hiercls audit`` first).
+        """
+        if int(size) <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        size = int(size)
+        abs_paths = [Path(os.path.abspath(p)) for p in paths]
+        if not abs_paths:
+            return np.empty((0, size, size, 3), dtype=np.uint8)
+        identities = [_identity(p) for p in abs_paths]
+        key = self._key(sorted(identities), size)
+        self.last_decoded = 0
+        hit = self._open(key, size, len(abs_paths))
+        if hit is not None:
+            array, stored = hit
+            if stored == identities:
+                return array
+            row = {ident: i for i, ident in enumerate(stored)}
+            return np.ascontiguousarray(array[[row[ident] for ident in identities]])
+        self._create(key, abs_paths, identities, size, progress)
+        opened = self._open(key, size, len(abs_paths))
+        if opened is None:  # the entry vanished (cache deleted meanwhile): decode in memory
+            return self._decode_all(abs_paths, size, None, progress)
+        return opened[0]
+
+    # -- entries ------------------------------------------------------------------------
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        return self.cache_dir / f"{key}.npy", self.cache_dir / f"{key}.json"
+
+    def _open(self, key: str, size: int, n: int):
+        array_path, meta_path = self._paths(key)
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            array = np.lib.format.open_memmap(array_path, mode="c")  # copy-on-write: the file never changes
+        except (OSError, ValueError):
+            return None
+        if array.shape != (n, size, size, 3) or array.dtype != np.uint8 or meta.get("v") != _FORMAT_VERSION:
+            return None
+        return array, [tuple(item) for item in meta["files"]]
+
+    def _create(self, key, paths, identities, size, progress) -> None:
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(
+                f"{self.cache_dir}: cannot create the image cache folder ({exc.strerror or exc}); "
+                "set HIERCLS_CACHE to a writable folder"
+            ) from None
+        array_path, meta_path = self._paths(key)
+        tmp = self.cache_dir / f".{key}.{uuid.uuid4().hex}.tmp.npy"
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+            self._decode_all(paths, size, out, progress, identities)
+            out.flush()
+            del out
+            os.replace(tmp, array_path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        meta = {"v": _FORMAT_VERSION, "size": size, "files": [list(i) for i in identities]}
+        fd, meta_tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".tmp.json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(meta, handle)
+            os.replace(meta_tmp, meta_path)
+        finally:
+            if os.path.exists(meta_tmp):
+                os.unlink(meta_tmp)
+
+    def _reusable_rows(self, identities, size) -> dict[tuple, tuple[Path, int]]:
+        """Rows of other entries at the same size that already hold some of these images."""
+        wanted = set(identities)
+        found: dict[tuple, tuple[Path, int]] = {}
+        for meta_path in sorted(self.cache_dir.glob("*.json")):
+            if meta_path.name.startswith("."):
+                continue  # an entry being written
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if meta.get("v") != _FORMAT_VERSION or meta.get("size") != size:
+                continue
+            for row, item in enumerate(meta.get("files", [])):
+                ident = tuple(item)
+                if ident in wanted and ident not in found:
+                    found[ident] = (meta_path.with_suffix(".npy"), row)
+            if len(found) == len(wanted):
+                break
+        return found
+
+    def _decode_all(self, paths, size, out, progress, identities=None) -> np.ndarray:
+        if out is None:
+            out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+        todo = list(range(len(paths)))
+        if identities is not None and self.cache_dir.exists():
+            todo = self._copy_known_rows(identities, size, out)
+        with _progress_bar(progress) as bar:
+            task = bar.add_task(f"decoding {len(todo)} images at {size}px", total=len(todo))
+            if len(todo) < _PARALLEL_FROM or self.workers <= 1:
+                for i in todo:
+                    out[i] = decode_resized(paths[i], size)
+                    self.last_decoded += 1
+                    bar.advance(task)
+            else:
+                with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                    results = pool.map(lambda i: (i, decode_resized(paths[i], size)), todo)
+                    for i, image in results:
+                        out[i] = image
+                        self.last_decoded += 1
+                        bar.advance(task)
+        return out
+
+    def _copy_known_rows(self, identities, size, out) -> list[int]:
+        known = self._reusable_rows(identities, size)
+        todo = []
+        opened: dict[Path, np.ndarray | None] = {}
+        for i, ident in enumerate(identities):
+            source = known.get(ident)
+            array = None
+            if source is not None:
+                if source[0] not in opened:
+                    try:
+                        opened[source[0]] = np.lib.format.open_memmap(source[0], mode="r")
+                    except (OSError, ValueError):
+                        opened[source[0]] = None
+                array = opened[source[0]]
+            if array is not None and source[1] < len(array) and array.shape[1:] == (size, size, 3):
+                out[i] = array[source[1]]
+            else:
+                todo.append(i)
+        return todo
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
+    )

@@ -1,0 +1,382 @@
+"""Reading a dataset into an ``ImageTable``: image paths, labels (tree nodes) and groups.
+
+Three layouts are accepted (``docs/data.md``):
+
+* a folder of class sub-folders, whose names are labels (node names or aliases);
+* a folder of images without sub-folders (unlabelled, e.g. for prediction);
+* a CSV manifest ``path,label[,group]`` whose paths are relative to the CSV's folder.
+
+Groups (patient, slide) come from the manifest's ``group`` column or from a regular
+expression on the file name; splits keep each group on one side.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from hiercls.data.images import IMAGE_EXTENSIONS, is_image_file
+from hiercls.errors import ConfigError, DataError
+from hiercls.taxonomy import Taxonomy
+
+__all__ = ["ImageTable", "load_images", "unknown_label_counts", "write_manifest"]
+
+_MAX_LISTED = 5  # line numbers / files quoted in one error message
+
+
+@dataclass
+class ImageTable:
+    """Images of a dataset with their labels and groups, one entry per image.
+
+    ``labels`` hold resolved node names (``None`` when unlabelled or, for an audit, when
+    the label is unknown to the taxonomy); ``raw_labels`` keep what the folder or manifest
+    said, so unknown labels can still be reported.
+    """
+
+    root: Path
+    paths: list[Path]
+    labels: list[str | None]
+    groups: list[str | None] = field(default_factory=list)
+    raw_labels: list[str | None] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.paths)
+        if not self.groups:
+            self.groups = [None] * n
+        if not self.raw_labels:
+            self.raw_labels = list(self.labels)
+        for name in ("labels", "groups", "raw_labels"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"ImageTable.{name} has {len(getattr(self, name))} entries for {n} paths")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def has_groups(self) -> bool:
+        """True when at least one image has a group."""
+        return any(g is not None for g in self.groups)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageTable:
+        """A new table with the images at ``indices`` (in that order)."""
+        idx = [int(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
+        return ImageTable(
+            root=self.root,
+            paths=[self.paths[i] for i in idx],
+            labels=[self.labels[i] for i in idx],
+            groups=[self.groups[i] for i in idx],
+            raw_labels=[self.raw_labels[i] for i in idx],
+            source=self.source,
+        )
+
+    def label_indices(self, taxonomy: Taxonomy) -> np.ndarray:
+        """Node index of each image's label (``int64``); -1 when unlabelled or not a node."""
+        return np.array([taxonomy.index.get(label, -1) if label else -1 for label in self.labels], dtype=np.int64)
+
+    def counts_per_node(self, taxonomy: Taxonomy) -> dict[str, int]:
+        """Images under each node: an image counts at its label node and at every ancestor.
+
+        Every node of the tree is a key (zero when no image lies under it); the root counts
+        all labelled images.
+        """
+        counts = dict.fromkeys(taxonomy.nodes, 0)
+        for label, n in Counter(lab for lab in self.labels if lab in counts).items():
+            for node in taxonomy.path(label):
+                counts[node] += n
+        return counts
+
+    def exact_counts(self, taxonomy: Taxonomy) -> dict[str, int]:
+        """Images labelled exactly at each node (at an internal node: partial labels)."""
+        counts = dict.fromkeys(taxonomy.nodes, 0)
+        for label in self.labels:
+            if label in counts:
+                counts[label] += 1
+        return counts
+
+
+def unknown_label_counts(table: ImageTable) -> Counter:
+    """Raw labels that did not resolve to a node (only with ``unknown_labels="keep"``)."""
+    return Counter(raw for raw, lab in zip(table.raw_labels, table.labels) if raw is not None and lab is None)
+
+
+def load_images(
+    data: str | Path,
+    taxonomy: Taxonomy | None = None,
+    group_regex: str | None = None,
+    require_labels: bool = True,
+    unknown_labels: Literal["raise", "keep"] = "raise",
+) -> ImageTable:
+    """Read a class-folder tree, a folder of images, or a CSV manifest into an ``ImageTable``.
+
+    Labels are resolved with ``taxonomy.resolve_labels`` (names or aliases; one
+    ``DataError`` lists every unknown label). ``unknown_labels="keep"`` instead leaves
+    unknown labels as ``None`` in ``labels`` (their text stays in ``raw_labels``), which
+    is what the audit uses to report them. ``group_regex`` derives each image's group
+    from its file name (first capture group, else the whole match); it overrides a
+    manifest's ``group`` column. Paths are absolute; order is deterministic.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"{data}: not found; give a folder of class sub-folders, a folder of images or a CSV manifest")
+    if data.is_dir():
+        root, paths, raw_labels, groups = _read_folder(data, require_labels)
+        source = str(data)
+    elif data.suffix.lower() == ".csv":
+        root, paths, raw_labels, groups = _read_manifest(data, require_labels)
+        source = str(data)
+    else:
+        raise DataError(f"{data}: not a folder or a .csv manifest; give a folder of class sub-folders or a CSV")
+    if group_regex is not None:
+        groups = _groups_from_regex(paths, group_regex, source)
+    labels = _resolve(raw_labels, taxonomy, source, unknown_labels)
+    return ImageTable(root=root, paths=paths, labels=labels, groups=groups, raw_labels=raw_labels, source=source)
+
+
+def write_manifest(table: ImageTable, path: str | Path, overwrite: bool = False) -> None:
+    """Write ``path,label[,group]`` rows, paths relative to the manifest's folder, atomically.
+
+    Images outside the manifest's folder are written with absolute paths (a relative path
+    with '..' would be refused when the manifest is read). An existing file is replaced
+    only with ``overwrite=True``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DataError(f"{path}: already exists; choose another file name or allow overwriting")
+    folder = Path(os.path.abspath(path)).parent
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder does not exist; create it first or choose another manifest path")
+    with_groups = table.has_groups
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "group"] if with_groups else ["path", "label"])
+            for image, label, group in zip(table.paths, table.labels, table.groups):
+                try:
+                    rel = image.relative_to(folder).as_posix()
+                except ValueError:
+                    rel = str(image)
+                row = [rel, label or ""]
+                writer.writerow(row + [group or ""] if with_groups else row)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is an ordinary shared file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------------------
+# Folders
+
+
+def _image_files_below(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder``, skipping hidden files and hidden folders, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
+    return sorted(found)
+
+
+def _read_folder(folder: Path, require_labels: bool):
+    root = Path(os.path.abspath(folder))
+    entries = sorted(root.iterdir())
+    subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    top_images = [p for p in entries if p.is_file() and is_image_file(p)]
+    paths: list[Path] = []
+    raw_labels: list[str | None] = []
+    for sub in subdirs:
+        images = _image_files_below(sub)
+        paths.extend(images)
+        raw_labels.extend([sub.name] * len(images))
+    if paths and top_images:
+        raise DataError(
+            f"{root}: has class sub-folders and also {len(top_images)} image(s) directly inside it "
+            f"(e.g. {top_images[0].name}); move them into a class folder or list everything in a manifest"
+        )
+    if not paths:
+        if not top_images:
+            raise DataError(
+                f"{root}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "check the folder or give a CSV manifest"
+            )
+        if require_labels:
+            raise DataError(
+                f"{root}: has images but no class sub-folders, so no labels; put the images in one "
+                "sub-folder per label or give a CSV manifest path,label"
+            )
+        paths = top_images
+        raw_labels = [None] * len(paths)
+    return root, paths, raw_labels, [None] * len(paths)
+
+
+# ----------------------------------------------------------------------------------------
+# Manifests
+
+
+def _read_manifest(csv_path: Path, require_labels: bool):
+    root = Path(os.path.abspath(csv_path.parent))
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError:
+        raise DataError(f"{csv_path}: not a UTF-8 text file; save the manifest as UTF-8 CSV") from None
+    except OSError as exc:
+        raise DataError(f"{csv_path}: cannot read manifest ({exc.strerror or exc})") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}: malformed CSV ({exc})") from None
+    if not rows:
+        raise DataError(
+            f"{csv_path}: empty manifest; it needs a header line 'path,label[,group]' and one row per image"
+        )
+    header = [h.strip().lower() for h in rows[0]]
+    required = ["path", "label"] if require_labels else ["path"]
+    missing = [c for c in required if c not in header]
+    if missing:
+        found = ", ".join(repr(h) for h in rows[0]) or "none"
+        raise DataError(
+            f"{csv_path}: missing column(s) {', '.join(missing)} (found: {found}); "
+            "the first line must be a header such as 'path,label,group'"
+        )
+    col_path = header.index("path")
+    col_label = header.index("label") if "label" in header else None
+    col_group = header.index("group") if "group" in header else None
+
+    paths: list[Path] = []
+    raw_labels: list[str | None] = []
+    groups: list[str | None] = []
+    lines: list[int] = []
+    outside: list[tuple[int, str]] = []
+    no_label: list[int] = []
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue  # blank line
+        cell = lambda col: row[col].strip() if col is not None and col < len(row) else ""  # noqa: E731
+        rel = cell(col_path)
+        if not rel:
+            raise DataError(f"{csv_path}:{line_no}: empty path; every row needs a path to an image")
+        path = _inside_root(root, rel)
+        if path is None:
+            outside.append((line_no, rel))
+            continue
+        label = cell(col_label) or None
+        if label is None and require_labels:
+            no_label.append(line_no)
+        paths.append(path)
+        raw_labels.append(label)
+        groups.append(cell(col_group) or None)
+        lines.append(line_no)
+    if outside:
+        shown = ", ".join(f"line {n} ({p})" for n, p in outside[:_MAX_LISTED])
+        raise DataError(
+            f"{csv_path}: {len(outside)} path(s) point outside the manifest's folder {root}: {shown}; "
+            "use paths relative to the CSV's folder without '..', or absolute paths"
+        )
+    if no_label:
+        raise DataError(
+            f"{csv_path}: {len(no_label)} row(s) without a label ({_lines(no_label)}); "
+            "fill in the label column or remove those rows"
+        )
+    if not paths:
+        raise DataError(f"{csv_path}: the manifest lists no images; add one row per image under the header")
+    missing_files = [(n, p) for n, p in zip(lines, paths) if not p.is_file()]
+    if missing_files:
+        raise DataError(
+            f"{csv_path}: {len(missing_files)} listed file(s) not found ({_lines([n for n, _ in missing_files])}, "
+            f"e.g. {missing_files[0][1]}); fix the paths (relative to {root}) or remove those rows"
+        )
+    seen: dict[Path, int] = {}
+    repeated = []
+    for n, p in zip(lines, paths):
+        if p in seen:
+            repeated.append(n)
+        seen.setdefault(p, n)
+    if repeated:
+        raise DataError(
+            f"{csv_path}: {len(repeated)} row(s) list a file already listed above ({_lines(repeated)}); "
+            "remove the repeated rows"
+        )
+    return root, paths, raw_labels, groups
+
+
+def _inside_root(root: Path, rel: str) -> Path | None:
+    """Absolute path of a manifest entry; ``None`` when a relative path climbs out of ``root``.
+
+    Absolute paths are taken as given (they were written on purpose, e.g. by
+    ``hiercls audit --write-manifest`` for images outside the manifest's folder).
+    """
+    rel = rel.replace("\\", "/")
+    candidate = Path(rel)
+    if candidate.is_absolute():
+        return Path(os.path.normpath(candidate))
+    full = Path(os.path.normpath(root / candidate))
+    try:
+        full.relative_to(root)
+    except ValueError:
+        return None
+    return full
+
+
+def _lines(numbers: list[int]) -> str:
+    """'line 7' or 'lines 2, 3, 4, 5, 6, ...' (the first few only)."""
+    shown = ", ".join(str(n) for n in numbers[:_MAX_LISTED])
+    return ("line " if len(numbers) == 1 else "lines ") + shown + (", ..." if len(numbers) > _MAX_LISTED else "")
+
+
+# ----------------------------------------------------------------------------------------
+# Groups and labels
+
+
+def _groups_from_regex(paths: list[Path], pattern: str, source: str) -> list[str | None]:
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"--group-regex '{pattern}' is not a valid regular expression ({exc})") from None
+    groups: list[str | None] = []
+    unmatched: list[Path] = []
+    for path in paths:
+        match = regex.search(path.name)
+        if match is None:
+            unmatched.append(path)
+            groups.append(None)
+            continue
+        value = next((g for g in match.groups() if g is not None), None) if regex.groups else match.group(0)
+        groups.append(value if value else None)
+        if not value:
+            unmatched.append(path)
+    if unmatched:
+        raise DataError(
+            f"{source}: group regex '{pattern}' does not match {len(unmatched)} of {len(paths)} file name(s) "
+            f"(e.g. {unmatched[0].name}); change the regex so it matches every file name"
+        )
+    return groups
+
+
+def _resolve(
+    raw_labels: list[str | None], taxonomy: Taxonomy | None, source: str, unknown_labels: str
+) -> list[str | None]:
+    if unknown_labels not in ("raise", "keep"):
+        raise ValueError(f"unknown_labels must be 'raise' or 'keep', not {unknown_labels!r}")
+    if taxonomy is None:
+        return list(raw_labels)
+    given = [lab for lab in raw_labels if lab is not None]
+    if unknown_labels == "raise":
+        mapping = dict(zip(given, taxonomy.resolve_labels(given, source=source)))
+    else:
+        mapping = {}
+        for label in set(given):
+            try:
+                mapping[label] = taxonomy.resolve(label)
+            except DataError:
+                mapping[label] = None
+    return [mapping[lab] if lab is not None else None for lab in raw_labels]

@@ -1,0 +1,110 @@
+"""Grouped, stratified splits: no patient (group) ever on both sides of a split.
+
+Images of one smear or patient look alike; a split that puts them on both sides
+measures memory, not diagnosis. Both functions use scikit-learn's
+``StratifiedGroupKFold`` (stratified by label node, shuffled with ``seed``). Images without
+a group count as their own group, which is only safe when they really are independent:
+``group_warning`` says so for callers to print.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from rich.table import Table
+from sklearn.model_selection import StratifiedGroupKFold
+
+from hiercls.data.dataset import ImageTable
+from hiercls.errors import ConfigError, DataError
+from hiercls.taxonomy import Taxonomy
+
+__all__ = ["grouped_kfold", "grouped_train_val_split", "split_count_table", "group_warning", "group_ids"]
+
+Split = tuple[np.ndarray, np.ndarray]
+
+
+def group_ids(table: ImageTable) -> np.ndarray:
+    """Integer group id per image; an image without a group gets a group of its own."""
+    ids: dict[str, int] = {}
+    out = np.empty(len(table), dtype=np.int64)
+    for i, group in enumerate(table.groups):
+        key = f"g:{group}" if group is not None else f"image:{i}"
+        out[i] = ids.setdefault(key, len(ids))
+    return out
+
+
+def group_warning(table: ImageTable) -> str | None:
+    """A warning to show when no image has a group (per-image splits can leak), else ``None``."""
+    if table.has_groups:
+        return None
+    return (
+        "no groups given: images are split one by one, so neighbouring files from the same "
+        "patient or smear can land on both sides and inflate validation scores; pass a manifest "
+        "'group' column or --group-regex"
+    )
+
+
+def grouped_kfold(table: ImageTable, n_folds: int = 5, seed: int = 0) -> list[Split]:
+    """``n_folds`` pairs ``(train_idx, val_idx)``, stratified by label, grouped by ``table.groups``.
+
+    Every image is in exactly one validation fold and no group is split across folds.
+    ``DataError`` when there are fewer groups than folds.
+    """
+    if n_folds < 2:
+        raise ConfigError(f"number of folds must be at least 2, got {n_folds}")
+    groups = group_ids(table)
+    n_groups = len(np.unique(groups))
+    if n_groups < n_folds:
+        where = f"{table.source}: " if table.source else ""
+        raise DataError(
+            f"{where}only {n_groups} group(s) for {n_folds} folds; every fold needs its own groups: "
+            f"use at most {n_groups} folds or provide finer groups"
+        )
+    strata = np.array([label if label is not None else "" for label in table.labels], dtype=object)
+    _, y = np.unique(strata, return_inverse=True)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # Rare classes (fewer images than folds) are expected in a tree; they are split as well as possible.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = list(splitter.split(np.zeros(len(table)), y, groups))
+    return [(np.sort(train).astype(np.int64), np.sort(val).astype(np.int64)) for train, val in folds]
+
+
+def grouped_train_val_split(table: ImageTable, val_fraction: float = 0.2, seed: int = 0) -> Split:
+    """One grouped, stratified ``(train_idx, val_idx)`` split.
+
+    Implemented as the first fold of ``StratifiedGroupKFold(n_splits=round(1 / val_fraction))``,
+    so the validation share is ``1 / n_splits`` (e.g. 0.2 -> 5 folds, 0.3 -> 3 folds, i.e. a third)
+    and, with groups, only approximately that.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    n_splits = max(2, round(1.0 / val_fraction))
+    return grouped_kfold(table, n_folds=n_splits, seed=seed)[0]
+
+
+def split_count_table(table: ImageTable, taxonomy: Taxonomy, splits: Sequence[Split]) -> Table:
+    """A rich table of images per node (node and descendants) in each split.
+
+    One split shows train and val columns; several (k-fold) show the validation count per fold.
+    """
+    single = len(splits) == 1
+    title = "Images per node (train / val)" if single else f"Images per node in each of {len(splits)} validation folds"
+    out = Table(title=title, title_justify="left")
+    out.add_column("node")
+    out.add_column("all", justify="right")
+    parts: list[tuple[str, np.ndarray]] = []
+    if single:
+        parts = [("train", splits[0][0]), ("val", splits[0][1])]
+    else:
+        parts = [(f"fold {k + 1}", val) for k, (_, val) in enumerate(splits)]
+    for name, _ in parts:
+        out.add_column(name, justify="right")
+    total = table.counts_per_node(taxonomy)
+    counts = [table.subset(idx).counts_per_node(taxonomy) for _, idx in parts]
+    for node in taxonomy.nodes:
+        indent = "  " * taxonomy.depth(node)
+        out.add_row(f"{indent}{node}", str(total[node]), *(str(c[node]) for c in counts))
+    return out

@@ -1,0 +1,248 @@
+"""Loading a trained run and predicting node probabilities for a table of images.
+
+``load_run`` rebuilds the model from the run's saved config and taxonomy and loads a
+checkpoint, refusing one that belongs to another tree, backbone or strategy.
+``predict_table`` decodes the images once (through the image cache), runs the model in
+batches and returns ``NodeProbabilities``, the object every downstream step takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from hiercls.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from hiercls.checkpoint import load_weights, read_metadata
+from hiercls.config import FitConfig
+from hiercls.errors import CheckpointError, ConfigError, HierclsError
+from hiercls.probabilities import NodeProbabilities
+from hiercls.run import RunPaths
+from hiercls.taxonomy import Taxonomy
+
+__all__ = [
+    "LoadedRun",
+    "load_run",
+    "predict_table",
+    "predict_conditionals",
+    "decode",
+    "resolve_device",
+    "autocast_context",
+    "normalization_stats",
+    "use_channels_last",
+    "build_model",
+]
+
+
+# -- device helpers shared with the training loop ------------------------------------------
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; an unavailable cuda is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)"
+            )
+        return device
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str = "auto"):
+    """bf16 autocast on CUDA (or when asked for), plain fp32 otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def use_channels_last(setting: bool | str, device: torch.device) -> bool:
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def normalization_stats(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean / std from the backbone's pretrained config (timm), else ImageNet's."""
+    for module in model.modules():
+        cfg = getattr(module, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
+            mean, std = tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+            if len(mean) == 3 and len(std) == 3:
+                return mean, std
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def predict_conditionals(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+    channels_last: bool = False,
+    progress: bool = True,
+    description: str = "predicting",
+    console: Console | None = None,
+) -> np.ndarray:
+    """P(node | parent) ``[N, num_nodes]`` (float64) for uint8 NHWC ``images``, in eval mode."""
+    mean, std = normalization_stats(model)
+    n = len(images)
+    out = np.empty((n, model.taxonomy.num_nodes), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar = Progress(*columns, console=console, transient=True, disable=not progress)
+    try:
+        with bar, torch.inference_mode():
+            task = bar.add_task(description, total=n)
+            for start in range(0, n, batch_size):
+                chunk = images[start : start + batch_size]
+                batch = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.array(chunk))
+                batch = batch.to(device, non_blocking=True)
+                x = normalize(batch, mean, std, channels_last)
+                with autocast_context(device, precision):
+                    cond = model.node_conditionals(x)
+                out[start : start + len(batch)] = cond.float().cpu().numpy()
+                bar.advance(task, len(batch))
+    finally:
+        model.train(was_training)
+    return out
+
+
+# -- loading a run -----------------------------------------------------------------------
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with the taxonomy and config it was trained with."""
+
+    taxonomy: Taxonomy
+    config: FitConfig
+    model: torch.nn.Module
+    metadata: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+
+def build_model(config: FitConfig, taxonomy: Taxonomy, class_counts: np.ndarray | None, pretrained: bool = True):
+    """The strategy's model for ``config`` (``pretrained=False`` skips loading local weights)."""
+    from hiercls.strategies import build_strategy
+
+    return build_strategy(
+        config.strategy,
+        taxonomy,
+        backbone=config.backbone,
+        pretrained=str(config.pretrained) if (pretrained and config.pretrained) else None,
+        backbone_kwargs=dict(config.backbone_kwargs),
+        loss=config.loss,
+        loss_options=dict(config.loss_options),
+        class_counts=class_counts,
+        options=dict(config.strategy_options),
+    )
+
+
+def _read_run_config(paths: RunPaths) -> FitConfig:
+    try:
+        data = yaml.safe_load(paths.config.read_text(encoding="utf-8"))
+        return FitConfig.model_validate(data)
+    except FileNotFoundError:
+        raise CheckpointError(f"{paths.root}: not a hiercls run (no config.yaml); give the --out folder of `hiercls fit`") from None
+    except Exception as exc:
+        raise CheckpointError(f"{paths.config}: cannot read the run's config ({str(exc).splitlines()[0]})") from None
+
+
+def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
+    """Rebuild and load the ``best`` or ``last`` checkpoint of a run directory."""
+    if which not in ("best", "last"):
+        raise ConfigError(f"--checkpoint must be 'best' or 'last', got '{which}'")
+    paths = RunPaths(Path(run_dir).expanduser().resolve())
+    if not paths.root.is_dir():
+        raise CheckpointError(f"{paths.root}: run folder not found")
+    config = _read_run_config(paths)
+    meta_path = paths.metadata(which)
+    if not meta_path.is_file():
+        other = "last" if which == "best" else "best"
+        hint = f"; try --checkpoint {other}" if paths.metadata(other).is_file() else (
+            "; the run has not finished an epoch yet (train it with `hiercls fit`, or --resume it)"
+        )
+        raise CheckpointError(f"{paths.root}: no finished '{which}' checkpoint{hint}")
+    metadata = read_metadata(meta_path)
+    try:
+        taxonomy = Taxonomy.from_dict(metadata["taxonomy"], source=str(meta_path))
+    except KeyError:
+        raise CheckpointError(f"{meta_path}: checkpoint metadata has no taxonomy; it was not written by hiercls") from None
+    if taxonomy.fingerprint != metadata.get("taxonomy_fingerprint"):
+        raise CheckpointError(
+            f"{meta_path}: taxonomy fingerprint {metadata.get('taxonomy_fingerprint')} does not match the "
+            f"stored tree ({taxonomy.fingerprint}); the checkpoint metadata was edited or is corrupt"
+        )
+    if paths.taxonomy.is_file():
+        try:
+            run_tax = Taxonomy.from_dict(yaml.safe_load(paths.taxonomy.read_text(encoding="utf-8")))
+        except (HierclsError, yaml.YAMLError):
+            run_tax = None
+        if run_tax is not None and run_tax.fingerprint != taxonomy.fingerprint:
+            raise CheckpointError(
+                f"{meta_path}: checkpoint was trained on another tree than {paths.taxonomy} "
+                f"(fingerprint {taxonomy.fingerprint} vs {run_tax.fingerprint}); was it copied from another run?"
+            )
+    for key in ("strategy", "backbone"):
+        if metadata.get(key) != getattr(config, key):
+            raise CheckpointError(
+                f"{meta_path}: checkpoint {key} '{metadata.get(key)}' disagrees with the run's config.yaml "
+                f"('{getattr(config, key)}'); was the config edited or the checkpoint copied from another run?"
+            )
+    counts = metadata.get("class_counts")
+    class_counts = np.asarray(counts, dtype=np.float64) if counts is not None else None
+    model = build_model(config, taxonomy, class_counts, pretrained=False)
+    load_weights(paths.weights(which), model)
+    model.eval()
+    return LoadedRun(taxonomy=taxonomy, config=config, model=model, metadata=metadata, run_dir=paths.root)
+
+
+def predict_table(
+    loaded_run: LoadedRun,
+    table,
+    batch_size: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    console: Console | None = None,
+) -> NodeProbabilities:
+    """Node probabilities for every image of ``table`` (an ``ImageTable``), in table order."""
+    from hiercls.data import ImageCache
+
+    config = loaded_run.config
+    dev = resolve_device(device)
+    model = loaded_run.model.to(dev)
+    channels_last = use_channels_last(config.channels_last, dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    images = ImageCache(config.cache_dir).load(list(table.paths), config.img_size, progress=progress)
+    conditional = predict_conditionals(
+        model,
+        images,
+        batch_size=batch_size or config.batch_size,
+        device=dev,
+        precision=config.precision,
+        channels_last=channels_last,
+        progress=progress,
+        console=console,
+    )
+    return NodeProbabilities.from_conditionals(loaded_run.taxonomy, conditional)
+
+
+def decode(probs: NodeProbabilities, config: FitConfig) -> list[str]:
+    """Predicted node per image with the run's decoding rule (greedy / best_leaf / threshold)."""
+    return probs.decode(config.decode, threshold=config.threshold)

@@ -1,0 +1,526 @@
+"""Flat and hierarchical metrics from node names (and, where needed, ``NodeProbabilities``).
+
+Every function takes true and predicted *node names* of one ``Taxonomy``, so it serves any
+tree, any strategy and any decoding (a prediction may stop at an internal node, a label may be
+a partial label at an internal node). ``evaluate_predictions`` bundles them into the dict that
+``hiercls evaluate`` writes as ``metrics.json``. Definitions and a worked example are in
+``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from hiercls.errors import DataError
+from hiercls.probabilities import NodeProbabilities
+from hiercls.taxonomy import Taxonomy
+
+__all__ = [
+    "hierarchical_prf",
+    "accuracy",
+    "leaf_accuracy",
+    "leaf_label_mask",
+    "macro_f1",
+    "per_class_prf",
+    "auroc",
+    "per_level_accuracy",
+    "ConfusionMatrix",
+    "confusion_matrices",
+    "leaf_confusion_matrix",
+    "mistake_severity",
+    "expected_calibration_error",
+    "evaluate_predictions",
+    "METRIC_KEYS",
+]
+
+METRIC_KEYS = (
+    "accuracy",
+    "macro_f1",
+    "hP",
+    "hR",
+    "hF",
+    "auroc",
+    "per_level_accuracy",
+    "per_class",
+    "mistake_severity",
+    "ece",
+    "n_images",
+    "notes",
+)
+
+
+# -- input checks ---------------------------------------------------------------------------
+
+
+def _check_nodes(taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]) -> None:
+    if len(true_nodes) != len(pred_nodes):
+        raise ValueError(f"{len(true_nodes)} true labels but {len(pred_nodes)} predictions")
+    unknown = sorted({str(n) for n in [*true_nodes, *pred_nodes] if n not in taxonomy.index})
+    if unknown:
+        raise DataError(
+            f"node(s) not in taxonomy '{taxonomy.name}': {', '.join(unknown)}; "
+            "resolve labels with taxonomy.resolve_labels first"
+        )
+    if taxonomy.root in true_nodes:
+        raise DataError(f"the root '{taxonomy.root}' is not a label; drop unlabelled rows before evaluating")
+
+
+def _paths(taxonomy: Taxonomy) -> dict[str, tuple[str, ...]]:
+    """Root-to-node path of every node, computed once per call (metrics loop over many images)."""
+    return {node: taxonomy.path(node) for node in taxonomy.nodes}
+
+
+def _node_at_depth(paths: dict[str, tuple[str, ...]], node: str, depth: int) -> str | None:
+    """The node's ancestor (or itself) at ``depth``; ``None`` when ``node`` is shallower."""
+    path = paths[node]
+    return path[depth] if depth < len(path) else None
+
+
+# -- hierarchical precision / recall / F ----------------------------------------------------
+
+
+def hierarchical_prf(
+    taxonomy: Taxonomy,
+    true_nodes: Sequence[str],
+    pred_nodes: Sequence[str],
+    average: Literal["micro", "macro"] = "micro",
+) -> dict[str, float]:
+    """Hierarchical precision, recall and F1 (Kiritchenko et al. 2006; Hamdi et al. eq. 1).
+
+    Each example's true set is its label with all its ancestors, its predicted set the predicted
+    node with all its ancestors, the root excluded from both. ``micro`` sums the intersections
+    and set sizes over examples (hP = sum|T∩P| / sum|P|, hR = sum|T∩P| / sum|T|,
+    hF = 2 sum|T∩P| / (sum|P| + sum|T|)). ``macro`` averages the per-example hP, hR and hF
+    (an empty predicted set, i.e. a prediction stopped at the root, scores 0).
+    """
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    if average not in ("micro", "macro"):
+        raise ValueError(f"average must be 'micro' or 'macro', not {average!r}")
+    if len(true_nodes) == 0:
+        raise ValueError("hierarchical_prf needs at least one example")
+    sets = {node: frozenset(path[1:]) for node, path in _paths(taxonomy).items()}
+    inter = np.zeros(len(true_nodes))
+    n_true = np.zeros(len(true_nodes))
+    n_pred = np.zeros(len(true_nodes))
+    for i, (t, p) in enumerate(zip(true_nodes, pred_nodes)):
+        t_set, p_set = sets[t], sets[p]
+        inter[i], n_true[i], n_pred[i] = len(t_set & p_set), len(t_set), len(p_set)
+    if average == "micro":
+        total_i, total_t, total_p = inter.sum(), n_true.sum(), n_pred.sum()
+        return {
+            "hP": float(total_i / total_p) if total_p else 0.0,
+            "hR": float(total_i / total_t),
+            "hF": float(2 * total_i / (total_p + total_t)),
+        }
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h_p = np.where(n_pred > 0, inter / np.maximum(n_pred, 1), 0.0)
+        h_r = inter / n_true
+        h_f = 2 * inter / (n_pred + n_true)
+    return {"hP": float(h_p.mean()), "hR": float(h_r.mean()), "hF": float(h_f.mean())}
+
+
+# -- flat metrics ---------------------------------------------------------------------------
+
+
+def accuracy(true_nodes: Sequence[str], pred_nodes: Sequence[str]) -> float:
+    """Fraction of exact node matches."""
+    if len(true_nodes) != len(pred_nodes):
+        raise ValueError(f"{len(true_nodes)} true labels but {len(pred_nodes)} predictions")
+    if len(true_nodes) == 0:
+        raise ValueError("accuracy needs at least one example")
+    return float(np.mean([t == p for t, p in zip(true_nodes, pred_nodes)]))
+
+
+def leaf_label_mask(taxonomy: Taxonomy, true_nodes: Sequence[str]) -> np.ndarray:
+    """``True`` for rows whose label is a leaf (partial labels are left out of leaf metrics)."""
+    leaves = set(taxonomy.leaves)
+    return np.array([t in leaves for t in true_nodes], dtype=bool)
+
+
+def leaf_accuracy(taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]) -> float | None:
+    """Exact-match accuracy on the rows labelled at a leaf (``None`` when there are none).
+
+    A prediction that stops at an internal node is wrong here; hierarchical metrics give it
+    partial credit.
+    """
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    mask = leaf_label_mask(taxonomy, true_nodes)
+    if not mask.any():
+        return None
+    return accuracy([t for t, m in zip(true_nodes, mask) if m], [p for p, m in zip(pred_nodes, mask) if m])
+
+
+def macro_f1(taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]) -> float | None:
+    """Unweighted mean F1 over the leaf classes, on rows labelled at a leaf.
+
+    The classes are the leaves that occur among those rows' labels or predictions (as
+    scikit-learn does by default); a prediction at an internal node counts as a miss for the
+    true leaf. ``None`` when no row has a leaf label.
+    """
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    mask = leaf_label_mask(taxonomy, true_nodes)
+    if not mask.any():
+        return None
+    y_true = [t for t, m in zip(true_nodes, mask) if m]
+    y_pred = [p for p, m in zip(pred_nodes, mask) if m]
+    from sklearn.metrics import f1_score  # imported here: scikit-learn is slow to import
+
+    present = set(y_true) | set(y_pred)
+    labels = [leaf for leaf in taxonomy.leaves if leaf in present]
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+
+
+def per_class_prf(
+    taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]
+) -> dict[str, dict[str, float | int | None]]:
+    """Precision, recall, F1 and support for every non-root node (Hamdi et al. Table 4).
+
+    An image belongs to a node when its label lies at or under it, and is predicted as the
+    node when its prediction lies at or under it; for leaves this is ordinary per-class
+    P/R/F1. Images labelled above a node (partial labels) say nothing about it and are left
+    out of that node's counts. Undefined ratios (0/0) are ``None``, never a made-up 0.
+    """
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    paths = _paths(taxonomy)
+    sets = {node: frozenset(path) for node, path in paths.items()}
+    true_paths = [sets[t] for t in true_nodes]
+    pred_paths = [sets[p] for p in pred_nodes]
+    out: dict[str, dict[str, float | int | None]] = {}
+    for node in taxonomy.nodes:
+        if node == taxonomy.root:
+            continue
+        above = frozenset(paths[node][:-1])  # labels here say nothing about ``node``
+        tp = fp = fn = 0
+        for t, t_path, p_path in zip(true_nodes, true_paths, pred_paths):
+            if t in above:
+                continue
+            is_true, is_pred = node in t_path, node in p_path
+            tp += is_true and is_pred
+            fp += is_pred and not is_true
+            fn += is_true and not is_pred
+        precision = tp / (tp + fp) if tp + fp else None
+        recall = tp / (tp + fn) if tp + fn else None
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+        out[node] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+    return out
+
+
+# -- per-level accuracy and confusion matrices ----------------------------------------------
+
+
+def _decision_rows(paths: dict[str, tuple[str, ...]], node: str, true_nodes: Sequence[str]) -> list[int]:
+    """Rows whose label lies strictly under ``node``: the true child of ``node`` is known."""
+    return [i for i, t in enumerate(true_nodes) if node in paths[t][:-1]]
+
+
+def per_level_accuracy(
+    taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]
+) -> dict[str, float | None]:
+    """Accuracy of each internal node's decision among its children (Hamdi et al. Table 3).
+
+    For an internal node at depth d, the images are those whose label lies strictly under it;
+    the true child is the label's ancestor at depth d + 1, the predicted child the predicted
+    node's ancestor at depth d + 1. A prediction that stops above depth d + 1, or that went
+    down another branch, counts as wrong. ``None`` for a node with no such image.
+    """
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    paths = _paths(taxonomy)
+    out: dict[str, float | None] = {}
+    for node in taxonomy.internal_nodes:
+        rows = _decision_rows(paths, node, true_nodes)
+        if not rows:
+            out[node] = None
+            continue
+        d = len(paths[node])  # depth of the children
+        hits = [_node_at_depth(paths, true_nodes[i], d) == _node_at_depth(paths, pred_nodes[i], d) for i in rows]
+        out[node] = float(np.mean(hits))
+    return out
+
+
+@dataclass
+class ConfusionMatrix:
+    """Counts ``matrix[true, predicted]`` over ``labels``.
+
+    ``n_outside`` counts the images that belong here (by their label) but whose prediction
+    is none of ``labels`` (it stopped higher up or went down another branch).
+    """
+
+    node: str
+    labels: tuple[str, ...]
+    matrix: np.ndarray
+    n_outside: int
+
+
+def confusion_matrices(
+    taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]
+) -> dict[str, ConfusionMatrix]:
+    """One children x children confusion matrix per internal node, on the images of ``per_level_accuracy``."""
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    paths = _paths(taxonomy)
+    out: dict[str, ConfusionMatrix] = {}
+    for node in taxonomy.internal_nodes:
+        children = taxonomy.children(node)
+        position = {c: k for k, c in enumerate(children)}
+        matrix = np.zeros((len(children), len(children)), dtype=np.int64)
+        outside = 0
+        d = len(paths[node])
+        for i in _decision_rows(paths, node, true_nodes):
+            t = _node_at_depth(paths, true_nodes[i], d)
+            p = _node_at_depth(paths, pred_nodes[i], d)
+            if p in position:
+                matrix[position[t], position[p]] += 1
+            else:
+                outside += 1
+        out[node] = ConfusionMatrix(node, children, matrix, outside)
+    return out
+
+
+def leaf_confusion_matrix(taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]) -> ConfusionMatrix:
+    """Leaves x leaves on rows labelled at a leaf; predictions at internal nodes go to ``n_outside``."""
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    leaves = taxonomy.leaves
+    position = {leaf: k for k, leaf in enumerate(leaves)}
+    matrix = np.zeros((len(leaves), len(leaves)), dtype=np.int64)
+    outside = 0
+    for t, p in zip(true_nodes, pred_nodes):
+        if t not in position:
+            continue
+        if p in position:
+            matrix[position[t], position[p]] += 1
+        else:
+            outside += 1
+    return ConfusionMatrix(taxonomy.root, leaves, matrix, outside)
+
+
+# -- AUROC ----------------------------------------------------------------------------------
+
+
+def _binary_auroc(y: np.ndarray, score: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score  # imported here: scikit-learn is slow to import
+
+    if y.size == 0 or y.all() or not y.any():
+        return None
+    return float(roc_auc_score(y, score))
+
+
+def auroc(
+    taxonomy: Taxonomy, true_nodes: Sequence[str], probs: NodeProbabilities, notes: list[str] | None = None
+) -> dict[str, Any]:
+    """One-vs-rest AUROC on the leaves and on every internal node's decision (Hamdi et al. Table 2).
+
+    * ``leaves``: per leaf, AUROC of its marginal probability on the rows labelled at a leaf;
+      ``leaf_macro`` is their unweighted mean.
+    * ``nodes``: per internal node, among the images whose label lies strictly under it, the
+      mean over its children of the one-vs-rest AUROC of the child's *conditional* probability;
+      ``node_children`` holds the per-child values.
+
+    Classes absent from the labels (or the only class present) have no AUROC; they are left out
+    and, when ``notes`` is given, named there.
+    """
+    if len(true_nodes) != len(probs):
+        raise ValueError(f"{len(true_nodes)} true labels but {len(probs)} probability rows")
+    _check_nodes(taxonomy, true_nodes, list(true_nodes))
+    notes = notes if notes is not None else []
+    true_arr = np.asarray(true_nodes, dtype=object)
+
+    mask = leaf_label_mask(taxonomy, true_nodes)
+    leaves: dict[str, float] = {}
+    skipped: list[str] = []
+    for leaf in taxonomy.leaves:
+        value = _binary_auroc(true_arr[mask] == leaf, probs.column(leaf)[mask])
+        if value is None:
+            skipped.append(leaf)
+        else:
+            leaves[leaf] = value
+    if skipped and mask.any():
+        notes.append(f"leaf AUROC left out for {', '.join(skipped)}: absent from the labels (or the only class)")
+
+    paths = _paths(taxonomy)
+    nodes: dict[str, float | None] = {}
+    node_children: dict[str, dict[str, float]] = {}
+    for node in taxonomy.internal_nodes:
+        rows = np.array(_decision_rows(paths, node, true_nodes), dtype=np.int64)
+        per_child: dict[str, float] = {}
+        missing: list[str] = []
+        for child in taxonomy.children(node):
+            y = np.array([child in paths[t] for t in true_arr[rows]], dtype=bool)
+            value = _binary_auroc(y, probs.conditional[rows, taxonomy.index[child]])
+            if value is None:
+                missing.append(child)
+            else:
+                per_child[child] = value
+        node_children[node] = per_child
+        nodes[node] = float(np.mean(list(per_child.values()))) if per_child else None
+        if missing and rows.size:
+            notes.append(f"AUROC at '{node}' left out for {', '.join(missing)}: absent from the labels under it")
+    return {
+        "leaf_macro": float(np.mean(list(leaves.values()))) if leaves else None,
+        "leaves": leaves,
+        "nodes": nodes,
+        "node_children": node_children,
+    }
+
+
+# -- mistake severity -----------------------------------------------------------------------
+
+
+def _is_mistake(taxonomy: Taxonomy, t: str, p: str) -> bool:
+    if t == p:
+        return False
+    # A partial label is matched by any prediction under it: it agrees with all that is known.
+    return not (not taxonomy.is_leaf(t) and taxonomy.is_ancestor(t, p))
+
+
+def mistake_severity(
+    taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]
+) -> dict[str, float | int | None]:
+    """How bad the mistakes are (Bertinetto et al. 2020), over the wrong predictions only.
+
+    ``mean_distance`` is the mean tree distance (edges) between prediction and label;
+    ``mean_lca_depth`` the mean depth of their lowest common ancestor (0 = they part at the
+    root: the worst kind of mistake). A prediction under a partial label is not a mistake.
+    ``None`` when there is no mistake.
+    """
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    wrong = [(t, p) for t, p in zip(true_nodes, pred_nodes) if _is_mistake(taxonomy, t, p)]
+    if not wrong:
+        return {"mean_distance": None, "mean_lca_depth": None, "n_mistakes": 0}
+    paths, index, dist = _paths(taxonomy), taxonomy.index, taxonomy.distance_matrix
+    distances = np.array([dist[index[t], index[p]] for t, p in wrong])
+    depth_sums = np.array([len(paths[t]) + len(paths[p]) - 2 for t, p in wrong])
+    lca_depths = (depth_sums - distances) / 2  # depth(t) + depth(p) = distance + 2 * depth(lca)
+    return {
+        "mean_distance": float(np.mean(distances)),
+        "mean_lca_depth": float(np.mean(lca_depths)),
+        "n_mistakes": len(wrong),
+    }
+
+
+# -- calibration ----------------------------------------------------------------------------
+
+
+def _greedy_completion(taxonomy: Taxonomy, probs: NodeProbabilities, row: int, node: str) -> str:
+    """Follow the most probable child from ``node`` down to a leaf."""
+    while not taxonomy.is_leaf(node):
+        children = taxonomy.children(node)
+        node = children[int(np.argmax(probs.conditional[row, taxonomy.children_indices(node)]))]
+    return node
+
+
+def _ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total)
+
+
+def expected_calibration_error(
+    taxonomy: Taxonomy,
+    true_nodes: Sequence[str],
+    probs: NodeProbabilities,
+    pred_nodes: Sequence[str] | None = None,
+    n_bins: int = 15,
+) -> dict[str, Any]:
+    """Expected calibration error per depth (Guo et al. 2017), with ``n_bins`` equal-width bins.
+
+    At depth d, the predicted node is the prediction's ancestor at depth d (a prediction that
+    stopped above d is completed greedily from the conditionals); confidence is its marginal
+    probability and it is correct when it is the label's ancestor at depth d; a predicted path
+    that ends at a leaf above depth d has confidence 0 there and is wrong. Only images whose
+    label is at depth d or deeper count. ``pred_nodes`` defaults to greedy decoding.
+    """
+    if pred_nodes is None:
+        pred_nodes = probs.decode("greedy")
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    if len(true_nodes) != len(probs):
+        raise ValueError(f"{len(true_nodes)} true labels but {len(probs)} probability rows")
+    paths = _paths(taxonomy)
+    completed = [
+        p if taxonomy.is_leaf(p) else _greedy_completion(taxonomy, probs, i, p) for i, p in enumerate(pred_nodes)
+    ]
+    per_depth: dict[str, float | None] = {}
+    for d in range(1, taxonomy.max_depth + 1):
+        conf, correct = [], []
+        for i, (t, p) in enumerate(zip(true_nodes, completed)):
+            true_d = _node_at_depth(paths, t, d)
+            pred_d = _node_at_depth(paths, p, d)
+            if true_d is None:
+                continue
+            if pred_d is None:  # reached a leaf above depth d: nothing predicted here
+                conf.append(0.0)
+                correct.append(False)
+                continue
+            conf.append(float(probs.marginal[i, taxonomy.index[pred_d]]))
+            correct.append(pred_d == true_d)
+        per_depth[str(d)] = _ece(np.array(conf), np.array(correct, dtype=float), n_bins) if conf else None
+    return {"per_depth": per_depth, "n_bins": n_bins}
+
+
+# -- everything at once ---------------------------------------------------------------------
+
+
+def evaluate_predictions(
+    taxonomy: Taxonomy,
+    true_nodes: Sequence[str | None],
+    pred_nodes: Sequence[str],
+    probs: NodeProbabilities | None = None,
+) -> dict[str, Any]:
+    """All metrics in one JSON-ready dict with the keys of ``METRIC_KEYS``.
+
+    Rows without a label (``None``) are left out and counted in ``notes``. Without
+    probabilities ``auroc`` and ``ece`` are ``None`` (and a note says so): they are never
+    estimated from hard predictions.
+    """
+    if len(true_nodes) != len(pred_nodes):
+        raise ValueError(f"{len(true_nodes)} true labels but {len(pred_nodes)} predictions")
+    if probs is not None and len(probs) != len(pred_nodes):
+        raise ValueError(f"{len(pred_nodes)} predictions but {len(probs)} probability rows")
+    notes: list[str] = []
+    keep = [i for i, t in enumerate(true_nodes) if t is not None]
+    if len(keep) < len(true_nodes):
+        notes.append(f"{len(true_nodes) - len(keep)} row(s) without a label left out")
+    if not keep:
+        raise DataError("no row has a label; evaluation needs true labels")
+    y_true = [true_nodes[i] for i in keep]
+    y_pred = [pred_nodes[i] for i in keep]
+    probs = probs[np.asarray(keep, dtype=np.int64)] if probs is not None else None
+
+    n_partial = int((~leaf_label_mask(taxonomy, y_true)).sum())
+    if n_partial:
+        notes.append(
+            f"{n_partial} row(s) with a partial label (an internal node) left out of accuracy, "
+            "macro_f1 and leaf AUROC; they count in the hierarchical metrics"
+        )
+    n_stopped = sum(1 for p in y_pred if not taxonomy.is_leaf(p))
+    if n_stopped:
+        notes.append(f"{n_stopped} prediction(s) stop at an internal node")
+
+    hprf = hierarchical_prf(taxonomy, y_true, y_pred)
+    metrics: dict[str, Any] = {
+        "accuracy": leaf_accuracy(taxonomy, y_true, y_pred),
+        "macro_f1": macro_f1(taxonomy, y_true, y_pred),
+        "hP": hprf["hP"],
+        "hR": hprf["hR"],
+        "hF": hprf["hF"],
+        "auroc": None,
+        "per_level_accuracy": per_level_accuracy(taxonomy, y_true, y_pred),
+        "per_class": per_class_prf(taxonomy, y_true, y_pred),
+        "mistake_severity": mistake_severity(taxonomy, y_true, y_pred),
+        "ece": None,
+        "n_images": len(y_true),
+        "notes": notes,
+    }
+    if probs is None:
+        notes.append("no probability columns: auroc and ece left out")
+    else:
+        metrics["auroc"] = auroc(taxonomy, y_true, probs, notes=notes)
+        metrics["ece"] = expected_calibration_error(taxonomy, y_true, probs, y_pred)
+    return metrics

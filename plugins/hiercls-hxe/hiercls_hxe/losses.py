@@ -1,0 +1,182 @@
+"""Tree-aware losses of Bertinetto et al., "Making Better Mistakes" (CVPR 2020).
+
+**Hierarchical cross-entropy (``hxe``).** Writing the leaf probability as the product of
+conditionals down its path ``root = a0 -> a1 -> ... -> ak = leaf``::
+
+    HXE = sum_i  lambda(a_i) * -log P(a_i | a_{i-1}),      lambda(a) = exp(-alpha * h(a))
+
+With all ``lambda = 1`` this is plain cross-entropy. ``h`` follows the reference code
+(``get_exponential_weighting``): the depth of the edge's child (root's children 1), so the
+weights fall going down the tree and a larger ``alpha`` puts more weight on the coarse
+decisions ("discounting information down the hierarchy"). ``measure="height"`` counts
+from the leaves instead (leaf edges 0), which weights the fine decisions most. The
+reference code also divides all weights by their sum over the tree; that constant only
+rescales the learning rate and is left out.
+
+Two uses, one loss:
+
+- *per node* (``context.node`` set, a head per internal node): the node's term is
+  ``lambda(child) * CE`` over its children. Summing the per-node losses along an image's
+  path gives exactly the HXE above, so the joint / per-node strategies optimise HXE when
+  every head uses ``hxe``.
+- *flat* (``context.node`` None, one softmax over leaves): node probabilities are sums of
+  leaf probabilities and the whole path sum is computed from the leaf logits. A partial
+  label (several marked leaves) contributes the path down to the marked leaves' lowest
+  common ancestor, plus, when the marks are not all leaves under it, the term
+  ``-lambda * log(P(marked) / P(ancestor))``.
+
+**Soft labels (``soft_labels``).** Cross-entropy against soft targets
+``p(c) = softmax_c(-beta * d(c, target) / d_max)``, ``d`` the tree distance (edges) and
+``d_max`` the largest distance between two of the classes, as in the reference code's
+normalisation, so ``beta`` does not depend on the tree's size. ``beta = 10`` (default)
+keeps about 99.99 % of the mass on the target for classes at the largest distance and
+gives near neighbours a little. With several marked classes the distance is to the
+nearest marked class. As ``beta`` grows the loss becomes cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hiercls.errors import ConfigError
+from hiercls.losses import LossContext, masked_log_prob, target_weight
+from hiercls.taxonomy import Taxonomy
+
+__all__ = ["HierarchicalCrossEntropy", "SoftLabelCrossEntropy", "edge_weight", "hxe", "soft_labels"]
+
+MEASURES = ("depth", "height")
+
+
+def hxe(context: LossContext, alpha: float = 0.1, measure: str = "depth") -> nn.Module:
+    """Hierarchical cross-entropy; ``alpha >= 0`` (0 gives cross-entropy), ``measure`` depth | height."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise ConfigError(f"loss 'hxe': alpha must be a number >= 0, got {alpha!r}")
+    if measure not in MEASURES:
+        raise ConfigError(f"loss 'hxe': measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    return HierarchicalCrossEntropy(context, float(alpha), measure)
+
+
+def soft_labels(context: LossContext, beta: float = 10.0) -> nn.Module:
+    """Cross-entropy with tree-distance soft targets; ``beta > 0`` (larger: closer to one-hot)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ConfigError(f"loss 'soft_labels': beta must be a number > 0, got {beta!r}")
+    return SoftLabelCrossEntropy(context, float(beta))
+
+
+def _height(taxonomy: Taxonomy, node: str) -> int:
+    if taxonomy.is_leaf(node):
+        return 0
+    return max(taxonomy.depth(leaf) for leaf in taxonomy.leaves_under(node)) - taxonomy.depth(node)
+
+
+def edge_weight(taxonomy: Taxonomy, node: str, alpha: float, measure: str = "depth") -> float:
+    """``lambda`` of the edge from ``node``'s parent to ``node``."""
+    h = taxonomy.depth(node) if measure == "depth" else _height(taxonomy, node)
+    return math.exp(-alpha * h)
+
+
+class HierarchicalCrossEntropy(nn.Module):
+    """HXE for one decision: per node (weighted CE) or flat (path sum from leaf logits)."""
+
+    def __init__(self, context: LossContext, alpha: float = 0.1, measure: str = "depth"):
+        super().__init__()
+        self.alpha, self.measure = alpha, measure
+        self.taxonomy, self.classes, self.flat = context.taxonomy, context.classes, context.node is None
+        tax = context.taxonomy
+        weights = torch.tensor([edge_weight(tax, c, alpha, measure) for c in self.classes], dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
+        if self.flat:
+            # every node on a path from the root to a class; membership[u, c] = u is c or above it
+            on_paths = {a for c in self.classes for a in tax.path(c)}
+            self.path_nodes = tuple(n for n in tax.nodes if n in on_paths)
+            member = torch.tensor(
+                [[tax.is_ancestor(u, c) for c in self.classes] for u in self.path_nodes], dtype=torch.bool
+            )
+            self.register_buffer("membership", member, persistent=False)
+            self._coefficients: dict[tuple[int, ...], tuple[list[float], float]] = {}
+
+    def forward(self, logits: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        mask = target_mask.to(device=logits.device, dtype=torch.bool)
+        if not self.flat:
+            loss = -masked_log_prob(logits, mask) * target_weight(self.class_weights, mask)
+            return torch.where(mask.any(dim=1), loss, torch.zeros_like(loss))
+        log_p = torch.log_softmax(logits.float(), dim=1)  # [B, C]
+        node_log_p = torch.logsumexp(
+            log_p[:, None, :].masked_fill(~self.membership[None], float("-inf")), dim=2
+        )  # [B, U]: log P(node)
+        patterns, inverse = torch.unique(mask, dim=0, return_inverse=True)
+        coef_rows, q_rows = [], []
+        for pattern in patterns:
+            coef, q = self._pattern_coefficients(tuple(torch.nonzero(pattern).flatten().tolist()))
+            coef_rows.append(coef)
+            q_rows.append(q)
+        coef = torch.tensor(coef_rows, dtype=log_p.dtype, device=log_p.device)[inverse]  # [B, U]
+        q = torch.tensor(q_rows, dtype=log_p.dtype, device=log_p.device)[inverse]  # [B]
+        finite = torch.where(coef != 0, node_log_p, torch.zeros_like(node_log_p))
+        loss = (coef * finite).sum(dim=1)
+        return loss + torch.where(q != 0, q * masked_log_prob(logits, mask), torch.zeros_like(loss))
+
+    def _pattern_coefficients(self, marked: tuple[int, ...]) -> tuple[list[float], float]:
+        """Coefficients of log P(node) per path node, and of log P(marked), for one mask pattern."""
+        if marked in self._coefficients:
+            return self._coefficients[marked]
+        tax, position = self.taxonomy, {n: i for i, n in enumerate(self.path_nodes)}
+        coef = [0.0] * len(self.path_nodes)
+        q = 0.0
+        if marked:
+            names = [self.classes[i] for i in marked]
+            lca = names[0]
+            for name in names[1:]:
+                lca = tax.lowest_common_ancestor(lca, name)
+            path = tax.path(lca)
+            for parent, child in zip(path[:-1], path[1:]):
+                weight = edge_weight(tax, child, self.alpha, self.measure)
+                coef[position[child]] -= weight
+                coef[position[parent]] += weight
+            under = {i for i, c in enumerate(self.classes) if tax.is_ancestor(lca, c)}
+            if set(marked) != under:  # marks are only part of the subtree: one more (partial) edge
+                below = {c for c in tax.children(lca) if any(tax.is_ancestor(c, n) for n in names)}
+                weight = sum(edge_weight(tax, c, self.alpha, self.measure) for c in below) / len(below)
+                coef[position[lca]] += weight
+                q = -weight
+        self._coefficients[marked] = (coef, q)
+        return coef, q
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, measure={self.measure}, flat={self.flat}, classes={len(self.classes)}"
+
+
+class SoftLabelCrossEntropy(nn.Module):
+    """Cross-entropy against soft targets that decay with tree distance from the label."""
+
+    def __init__(self, context: LossContext, beta: float = 10.0):
+        super().__init__()
+        self.beta = beta
+        tax, classes = context.taxonomy, context.classes
+        distance = torch.tensor([[tax.distance(a, b) for b in classes] for a in classes], dtype=torch.float32)
+        distance = distance / distance.max().clamp(min=1)
+        self.register_buffer("distance", distance, persistent=False)
+
+    def targets(self, target_mask: torch.Tensor) -> torch.Tensor:
+        """Soft target distributions ``[B, C]`` for a mask (distance to the nearest marked class)."""
+        mask = target_mask.to(device=self.distance.device, dtype=torch.bool)
+        patterns, inverse = torch.unique(mask, dim=0, return_inverse=True)
+        rows = []
+        for pattern in patterns:
+            if pattern.any():
+                nearest = self.distance[pattern].min(dim=0).values
+            else:
+                nearest = torch.zeros_like(self.distance[0])
+            rows.append(torch.softmax(-self.beta * nearest, dim=0))
+        return torch.stack(rows)[inverse]
+
+    def forward(self, logits: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        soft = self.targets(target_mask).to(logits.device)
+        loss = -(soft * torch.log_softmax(logits.float(), dim=1)).sum(dim=1)
+        return torch.where(target_mask.to(logits.device).any(dim=1), loss, torch.zeros_like(loss))
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"

@@ -1,0 +1,155 @@
+"""`hiercls fit` and `hiercls predict` end to end through the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hiercls.cli import main
+from hiercls.probabilities import NodeProbabilities
+from hiercls.taxonomy import load_taxonomy
+
+REPO = Path(__file__).resolve().parents[1]
+LEUKEMIA = REPO / "taxonomy" / "leukemia.yaml"
+LABELS = ("Normal", "Reactive", "ALL", "AML", "APML", "CLL", "CML", "Acute")
+
+
+@pytest.fixture(scope="module")
+def smears(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cli") / "data"
+    rng = np.random.default_rng(1)
+    for li, label in enumerate(LABELS):
+        (root / label).mkdir(parents=True)
+        for k in range(3):
+            pixels = np.clip(np.array([30.0 * li, 200 - 20 * li, 120]) + rng.normal(0, 15, (16, 16, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / label / f"slide{k}_{label}.jpg")
+    return root
+
+
+def fit_args(smears: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--taxonomy", str(LEUKEMIA), "--data", str(smears), "--out", str(out), "--backbone", "test_resnet",
+        "--img-size", "16", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--group-regex", r"^(slide\d)_",
+        "--val-fraction", "0.34", "--cache-dir", str(out.parent / "cache"), "--no-progress", *extra,
+    ]
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.mark.parametrize("strategy", ["flat", "per_node", "per_level", "joint"])
+def test_fit_then_predict_every_strategy(strategy, smears, tmp_path):
+    run = tmp_path / "run"
+    assert main(fit_args(smears, run, "--strategy", strategy)) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "last.state.pt"):
+        assert (run / "checkpoints" / name).is_file(), name
+    assert json.loads((run / "checkpoints" / "best.json").read_text())["strategy"] == strategy
+
+    preds = tmp_path / "preds.csv"
+    assert main(["predict", "--run", str(run), "--data", str(smears), "--out", str(preds), "--device", "cpu",
+                 "--group-regex", r"^(slide\d)_", "--no-progress"]) == 0
+    columns, rows = read_csv(preds)
+    taxonomy = load_taxonomy(LEUKEMIA)
+    assert columns == ["path", "label", "group", "prediction"] + [f"p:{n}" for n in taxonomy.nodes[1:]]
+    assert len(rows) == len(LABELS) * 3
+    assert {r["label"] for r in rows} == set(LABELS)
+    assert {r["group"] for r in rows} == {"slide0", "slide1", "slide2"}
+    marginal = np.array([[1.0] + [float(r[f"p:{n}"]) for n in taxonomy.nodes[1:]] for r in rows])
+    probs = NodeProbabilities.from_marginals(taxonomy, marginal)
+    assert probs.consistency_error() < 1e-4
+    assert [r["prediction"] for r in rows] == probs.decode("greedy")
+
+
+def test_predict_csv_matches_the_loaded_run(smears, tmp_path):
+    from hiercls.data import load_images
+    from hiercls.inference import load_run, predict_table
+
+    run = tmp_path / "run"
+    assert main(fit_args(smears, run)) == 0
+    preds = tmp_path / "p.csv"
+    assert main(["predict", "--run", str(run), "--data", str(smears), "--out", str(preds), "--no-progress",
+                 "--checkpoint", "last", "--decode", "best_leaf"]) == 0
+    loaded = load_run(run, "last")
+    table = load_images(smears, taxonomy=loaded.taxonomy)
+    probs = predict_table(loaded, table, device="cpu", progress=False)
+    _, rows = read_csv(preds)
+    from_csv = np.array([[float(r[f"p:{n}"]) for n in loaded.taxonomy.nodes[1:]] for r in rows])
+    assert np.allclose(from_csv, probs.marginal[:, 1:], rtol=1e-5, atol=1e-7)
+    assert [r["prediction"] for r in rows] == probs.decode("best_leaf")
+    assert all(r["prediction"] in loaded.taxonomy.leaves for r in rows)
+
+
+def test_fit_refuses_existing_run_and_resume_continues(smears, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(fit_args(smears, run)) == 0
+    capsys.readouterr()
+    assert main(fit_args(smears, run)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["fit", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert main(["fit", "--out", str(run), "--resume", "--lr", "0.5"]) == 2
+    assert "--lr cannot change when resuming" in capsys.readouterr().err
+    assert main(fit_args(smears, run, "--overwrite")) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_predict_without_checkpoint_exits_2_with_message(smears, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(fit_args(smears, run)) == 0
+    shutil.rmtree(run / "checkpoints")
+    capsys.readouterr()
+    code = main(["predict", "--run", str(run), "--data", str(smears), "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(run) in err.replace("\n", "") and "no finished 'best' checkpoint" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_refuses_to_overwrite_and_unknown_run(smears, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    out.write_text("mine")
+    assert main(["predict", "--run", str(tmp_path), "--data", str(smears), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "mine"
+    assert main(["predict", "--run", str(tmp_path), "--data", str(smears), "--out", str(tmp_path / "q.csv")]) == 2
+    assert "not a hiercls run" in capsys.readouterr().err
+
+
+def test_checkpoint_from_another_tree_is_refused(smears, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(fit_args(smears, run)) == 0
+    meta_path = run / "checkpoints" / "best.json"
+    meta = json.loads(meta_path.read_text())
+    meta["backbone"] = "resnet50"
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), "--data", str(smears), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "backbone 'resnet50' disagrees" in capsys.readouterr().err
+    meta["backbone"] = "test_resnet"
+    meta["taxonomy_fingerprint"] = "0" * 16
+    meta_path.write_text(json.dumps(meta))
+    assert main(["predict", "--run", str(run), "--data", str(smears), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+
+
+def test_fit_user_mistakes_exit_2(smears, tmp_path, capsys):
+    assert main(["fit", "--data", str(smears), "--out", str(tmp_path / "r")]) == 2
+    assert "--taxonomy" in capsys.readouterr().err
+    assert main(fit_args(smears, tmp_path / "r", "--lr", "-1")) == 2
+    assert "--lr" in capsys.readouterr().err
+    config = tmp_path / "c.yaml"
+    config.write_text("taxonomy: x.yaml\nepochz: 3\n")
+    assert main(["fit", "--config", str(config), "--data", str(smears), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "epochz" in err and str(config) in err.replace("\n", "")

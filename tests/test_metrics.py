@@ -1,0 +1,282 @@
+"""Metrics on hand-checked examples and against scikit-learn."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
+
+from hiercls.errors import DataError
+from hiercls.metrics import (
+    METRIC_KEYS,
+    accuracy,
+    auroc,
+    confusion_matrices,
+    evaluate_predictions,
+    expected_calibration_error,
+    hierarchical_prf,
+    leaf_accuracy,
+    leaf_confusion_matrix,
+    macro_f1,
+    mistake_severity,
+    per_class_prf,
+    per_level_accuracy,
+)
+from hiercls.probabilities import NodeProbabilities
+from hiercls.taxonomy import Taxonomy, load_taxonomy
+
+TAXONOMY_DIR = Path(__file__).resolve().parents[1] / "taxonomy"
+
+# The worked example of docs/metrics.md: (true, predicted).
+WORKED = [("ALL", "ALL"), ("ALL", "AML"), ("Normal", "CLL"), ("CML", "Chronic")]
+
+
+@pytest.fixture(scope="module")
+def leukemia() -> Taxonomy:
+    return load_taxonomy(TAXONOMY_DIR / "leukemia.yaml")
+
+
+def _split(pairs):
+    return [t for t, _ in pairs], [p for _, p in pairs]
+
+
+def _random_probs(tax: Taxonomy, n: int, seed: int) -> NodeProbabilities:
+    rng = np.random.default_rng(seed)
+    return NodeProbabilities.from_leaf_probabilities(tax, rng.dirichlet(np.ones(len(tax.leaves)), size=n))
+
+
+# -- hierarchical P/R/F ---------------------------------------------------------------------
+
+
+def test_worked_example_exact_fractions(leukemia):
+    true, pred = _split(WORKED)
+    result = hierarchical_prf(leukemia, true, pred)
+    assert Fraction(result["hP"]).limit_denominator(1000) == Fraction(7, 11)
+    assert Fraction(result["hR"]).limit_denominator(1000) == Fraction(7, 10)
+    assert Fraction(result["hF"]).limit_denominator(1000) == Fraction(2, 3)
+    assert result["hP"] == 7 / 11 and result["hR"] == 7 / 10 and result["hF"] == 2 / 3
+
+
+def test_worked_example_macro_average(leukemia):
+    true, pred = _split(WORKED)
+    result = hierarchical_prf(leukemia, true, pred, average="macro")
+    # per example hP: 1, 2/3, 0, 1; hR: 1, 2/3, 0, 2/3; hF: 1, 2/3, 0, 4/5
+    assert result["hP"] == pytest.approx(float(Fraction(2, 3)))
+    assert result["hR"] == pytest.approx(float(Fraction(7, 12)))
+    assert result["hF"] == pytest.approx(float(Fraction(37, 60)))
+
+
+def test_partial_label_and_prediction_at_internal_node(leukemia):
+    # A label known only down to "Acute", predicted as the leaf ALL: everything known is right.
+    r = hierarchical_prf(leukemia, ["Acute"], ["ALL"])
+    assert (r["hP"], r["hR"]) == (pytest.approx(2 / 3), 1.0)
+    # A prediction that stops at "Leukemia" for an ALL image: precise but incomplete.
+    r = hierarchical_prf(leukemia, ["ALL"], ["Leukemia"])
+    assert (r["hP"], r["hR"]) == (1.0, pytest.approx(1 / 3))
+    # A prediction stopped at the root predicts nothing: zero precision mass, recall 0.
+    r = hierarchical_prf(leukemia, ["ALL"], ["root"])
+    assert r == {"hP": 0.0, "hR": 0.0, "hF": 0.0}
+
+
+def test_unknown_node_is_a_data_error(leukemia):
+    with pytest.raises(DataError, match="Lymphoma"):
+        hierarchical_prf(leukemia, ["ALL"], ["Lymphoma"])
+
+
+# -- flat metrics ---------------------------------------------------------------------------
+
+
+def test_accuracy_and_leaf_accuracy_exclude_partial_labels(leukemia):
+    true = ["ALL", "AML", "Acute", "CLL"]
+    pred = ["ALL", "ALL", "ALL", "CLL"]
+    assert accuracy(true, pred) == 0.5
+    assert leaf_accuracy(leukemia, true, pred) == pytest.approx(2 / 3)
+    assert leaf_accuracy(leukemia, ["Acute"], ["ALL"]) is None
+
+
+def test_macro_f1_and_per_class_match_sklearn_on_leaves(leukemia):
+    rng = np.random.default_rng(3)
+    leaves = list(leukemia.leaves)
+    true = [leaves[i] for i in rng.integers(0, len(leaves), 200)]
+    pred = [leaves[i] for i in rng.integers(0, len(leaves), 200)]
+    assert macro_f1(leukemia, true, pred) == pytest.approx(f1_score(true, pred, average="macro"))
+    p, r, f, s = precision_recall_fscore_support(true, pred, labels=leaves, zero_division=0)
+    table = per_class_prf(leukemia, true, pred)
+    for k, leaf in enumerate(leaves):
+        assert table[leaf]["precision"] == pytest.approx(p[k])
+        assert table[leaf]["recall"] == pytest.approx(r[k])
+        assert table[leaf]["f1"] == pytest.approx(f[k])
+        assert table[leaf]["support"] == s[k]
+
+
+def test_per_class_internal_nodes_and_undefined_values(leukemia):
+    true, pred = _split(WORKED)
+    table = per_class_prf(leukemia, true, pred)
+    # Leukemia: truth under it for 3 images, predicted under it for all 4.
+    assert table["Leukemia"] == {"precision": 0.75, "recall": 1.0, "f1": pytest.approx(6 / 7), "support": 3}
+    # Reactive is neither true nor predicted anywhere: nothing is defined, nothing is faked.
+    assert table["Reactive"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    # A partial label above a node says nothing about that node.
+    table = per_class_prf(leukemia, ["Acute"], ["ALL"])
+    assert table["ALL"]["support"] == 0 and table["ALL"]["precision"] is None
+    assert table["Acute"]["precision"] == 1.0
+
+
+# -- per-level accuracy and confusion matrices -----------------------------------------------
+
+
+def test_per_level_accuracy_hand_example(leukemia):
+    true, pred = _split(WORKED)
+    true.append("APML")
+    pred.append("root")  # stopped before the first decision: wrong at every level below
+    levels = per_level_accuracy(leukemia, true, pred)
+    assert levels == {
+        "root": pytest.approx(3 / 5),  # Normal image predicted under Leukemia; root stop wrong
+        "Leukemia": pytest.approx(3 / 4),  # 4 leukemia images, the root stop is wrong
+        "Acute": pytest.approx(1 / 3),  # ALL->ALL right, ALL->AML wrong, APML->root wrong
+        "Chronic": 0.0,  # CML predicted only down to "Chronic": stops above, wrong
+    }
+
+
+def test_per_level_accuracy_none_without_images(leukemia):
+    levels = per_level_accuracy(leukemia, ["Normal"], ["Normal"])
+    assert levels["root"] == 1.0 and levels["Acute"] is None
+
+
+def test_confusion_matrices(leukemia):
+    true, pred = _split(WORKED)
+    cms = confusion_matrices(leukemia, true, pred)
+    assert cms["root"].labels == ("Normal", "Reactive", "Leukemia")
+    np.testing.assert_array_equal(cms["root"].matrix, [[0, 0, 1], [0, 0, 0], [0, 0, 3]])
+    assert cms["Chronic"].matrix.sum() == 0 and cms["Chronic"].n_outside == 1
+    leaf = leaf_confusion_matrix(leukemia, true, pred)
+    assert leaf.matrix.sum() == 3 and leaf.n_outside == 1
+
+
+# -- AUROC ----------------------------------------------------------------------------------
+
+
+def test_auroc_matches_sklearn(leukemia):
+    n = 300
+    probs = _random_probs(leukemia, n, seed=1)
+    rng = np.random.default_rng(2)
+    leaves = list(leukemia.leaves)
+    true = [leaves[i] for i in rng.integers(0, len(leaves), n)]
+    result = auroc(leukemia, true, probs)
+    leaf_p = probs.leaf_marginals()
+    y = np.array(true)
+    for k, leaf in enumerate(leaves):
+        assert result["leaves"][leaf] == pytest.approx(roc_auc_score(y == leaf, leaf_p[:, k]))
+    order = np.argsort(leaves)  # scikit-learn wants sorted labels
+    assert result["leaf_macro"] == pytest.approx(
+        roc_auc_score(y, leaf_p[:, order], multi_class="ovr", average="macro", labels=sorted(leaves))
+    )
+    # Decision at "Acute": images under Acute, OvR over ALL/AML/APML with conditionals.
+    rows = np.isin(y, ["ALL", "AML", "APML"])
+    children = ["ALL", "AML", "APML"]
+    cond = probs.conditional[rows][:, [leukemia.index[c] for c in children]]
+    expected = roc_auc_score(y[rows], cond, multi_class="ovr", average="macro", labels=children)
+    assert result["nodes"]["Acute"] == pytest.approx(expected)
+    # Decision at the root: Normal / Reactive / Leukemia from the top-level conditionals.
+    top = np.where(np.isin(y, ["Normal", "Reactive"]), y, "Leukemia")
+    expected = np.mean([
+        roc_auc_score(top == c, probs.conditional[:, leukemia.index[c]]) for c in ("Normal", "Reactive", "Leukemia")
+    ])
+    assert result["nodes"]["root"] == pytest.approx(expected)
+
+
+def test_auroc_skips_absent_classes_and_says_so(leukemia):
+    probs = _random_probs(leukemia, 6, seed=4)
+    true = ["ALL", "AML", "ALL", "AML", "Normal", "Normal"]
+    notes: list[str] = []
+    result = auroc(leukemia, true, probs, notes=notes)
+    assert set(result["leaves"]) == {"ALL", "AML", "Normal"}
+    assert result["nodes"]["Chronic"] is None
+    assert any("APML" in n for n in notes)
+
+
+# -- mistake severity -----------------------------------------------------------------------
+
+
+def test_mistake_severity(leukemia):
+    true, pred = _split(WORKED)
+    result = mistake_severity(leukemia, true, pred)
+    # mistakes: ALL->AML (distance 2, LCA Acute depth 2), Normal->CLL (4, root 0), CML->Chronic (1, Chronic 2)
+    assert result["n_mistakes"] == 3
+    assert result["mean_distance"] == pytest.approx(7 / 3)
+    assert result["mean_lca_depth"] == pytest.approx(4 / 3)
+
+
+def test_mistake_severity_partial_label_and_no_mistakes(leukemia):
+    assert mistake_severity(leukemia, ["Acute", "ALL"], ["APML", "ALL"]) == {
+        "mean_distance": None, "mean_lca_depth": None, "n_mistakes": 0,
+    }
+    assert mistake_severity(leukemia, ["Acute"], ["CLL"])["mean_distance"] == 3
+
+
+# -- calibration ----------------------------------------------------------------------------
+
+
+def _two_leaf_probs(p_first: np.ndarray) -> tuple[Taxonomy, NodeProbabilities]:
+    tax = Taxonomy.from_nested({"a": {}, "b": {}})
+    leaf = np.stack([p_first, 1 - p_first], axis=1)
+    return tax, NodeProbabilities.from_leaf_probabilities(tax, leaf)
+
+
+def test_ece_is_zero_when_perfectly_calibrated():
+    # 10 images at confidence 0.7 for "a", 7 of them really "a"; 10 at 0.9, 9 right.
+    p = np.array([0.7] * 10 + [0.9] * 10)
+    tax, probs = _two_leaf_probs(p)
+    true = ["a"] * 7 + ["b"] * 3 + ["a"] * 9 + ["b"]
+    result = expected_calibration_error(tax, true, probs)
+    assert result["per_depth"]["1"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_statistically_calibrated_is_small_and_overconfident_is_not():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.5, 1.0, 20000)
+    tax, probs = _two_leaf_probs(p)
+    true = np.where(rng.uniform(size=p.size) < p, "a", "b").tolist()
+    assert expected_calibration_error(tax, true, probs)["per_depth"]["1"] < 0.02
+    # Confidence 0.9 everywhere but only half right: ECE = 0.4.
+    tax, probs = _two_leaf_probs(np.full(10, 0.9))
+    result = expected_calibration_error(tax, ["a"] * 5 + ["b"] * 5, probs)
+    assert result["per_depth"]["1"] == pytest.approx(0.4)
+
+
+def test_ece_per_depth_on_leukemia(leukemia):
+    probs = _random_probs(leukemia, 50, seed=5)
+    rng = np.random.default_rng(6)
+    true = [leukemia.leaves[i] for i in rng.integers(0, 7, 50)]
+    result = expected_calibration_error(leukemia, true, probs)
+    assert set(result["per_depth"]) == {"1", "2", "3"}
+    assert all(0.0 <= v <= 1.0 for v in result["per_depth"].values())
+
+
+# -- everything at once ---------------------------------------------------------------------
+
+
+def test_evaluate_predictions_keys_and_notes(leukemia):
+    true, pred = _split(WORKED)
+    probs = _random_probs(leukemia, len(true) + 1, seed=7)
+    metrics = evaluate_predictions(leukemia, [*true, None], [*pred, "ALL"], probs)
+    assert set(metrics) == set(METRIC_KEYS)
+    assert metrics["n_images"] == 4
+    assert metrics["hF"] == 2 / 3
+    assert metrics["auroc"] is not None and metrics["ece"] is not None
+    assert any("without a label" in n for n in metrics["notes"])
+
+
+def test_evaluate_predictions_without_probabilities(leukemia):
+    true, pred = _split(WORKED)
+    metrics = evaluate_predictions(leukemia, true, pred)
+    assert metrics["auroc"] is None and metrics["ece"] is None
+    assert any("no probability columns" in n for n in metrics["notes"])
+
+
+def test_evaluate_predictions_needs_labels(leukemia):
+    with pytest.raises(DataError, match="no row has a label"):
+        evaluate_predictions(leukemia, [None, None], ["ALL", "AML"])
