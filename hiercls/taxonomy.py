@@ -107,15 +107,56 @@ _LineLoader.add_constructor("tag:yaml.org,2002:str", _LineLoader.construct_scala
 
 
 def _where(source: str, value: Any) -> str:
-    line = getattr(value, "line", None)
+    line = value if isinstance(value, int) else getattr(value, "line", None)
     return f"{source}:{line}" if line else source
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
+def _name_lines(data: Any) -> dict[str, list[int]]:
+    """Lines (in file order) where each node name (and ``alias:<name>``) is written, for errors.
+
+    pydantic hands back plain strings, so the lines are read from the raw YAML data.
+    """
+    lines: dict[str, list[int]] = {}
+
+    def note(value: Any, kind: str = "") -> None:
+        if isinstance(value, str) and getattr(value, "line", None):
+            lines.setdefault(kind + str(value), []).append(value.line)
+
+    def walk(items: Any) -> None:
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, str):
+                note(item)
+            elif isinstance(item, dict):
+                note(item.get("name"))
+                for alias in item.get("aliases") or []:
+                    note(alias, kind="alias:")
+                walk(item.get("children"))
+
+    if isinstance(data, dict):
+        walk(data.get("children"))
+    return lines
+
+
+def _raw_key(data: Any, loc: tuple) -> Any:
+    """The raw (line-aware) key object at ``loc`` in the YAML data, or the plain key."""
+    node = data
+    for part in loc[:-1]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return loc[-1]
+    if isinstance(node, dict):
+        for key in node:
+            if key == loc[-1]:
+                return key
+    return loc[-1]
+
+
+def _format_validation_error(source: str, error: ValidationError, data: Any = None) -> str:
     first = error.errors()[0]
     loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
     if first["type"] == "extra_forbidden":
-        key = first["loc"][-1]
+        key = _raw_key(data, first["loc"])
         allowed = ", ".join(NodeSpec.model_fields if len(first["loc"]) > 1 else TaxonomySpec.model_fields)
         message = f"unknown key '{key}' at {loc or 'top level'} (allowed keys: {allowed})"
         return f"{_where(source, key)}: {message}"
@@ -162,8 +203,9 @@ class Taxonomy:
     position in that order and the column of the node in every ``[N, num_nodes]`` array.
     """
 
-    def __init__(self, spec: TaxonomySpec, source: str = "<taxonomy>"):
+    def __init__(self, spec: TaxonomySpec, source: str = "<taxonomy>", lines: dict[str, list[int]] | None = None):
         self.spec = spec
+        self._lines = lines or {}
         self.source = source
         self.name = spec.name or ""
         self.description = spec.description
@@ -186,8 +228,8 @@ class Taxonomy:
         try:
             spec = TaxonomySpec.model_validate(data)
         except ValidationError as exc:
-            raise TaxonomyError(_format_validation_error(source, exc)) from None
-        return cls(spec, source=source)
+            raise TaxonomyError(_format_validation_error(source, exc, data)) from None
+        return cls(spec, source=source, lines=_name_lines(data))
 
     @classmethod
     def from_nested(cls, tree: dict[str, Any], root: str = "root", name: str = "") -> Taxonomy:
@@ -201,18 +243,26 @@ class Taxonomy:
     def _build(self, spec: TaxonomySpec, source: str) -> None:
         if not spec.children:
             raise TaxonomyError(f"{source}: the tree is empty; add nodes under 'children'")
-        seen: dict[str, Any] = {spec.root: spec.root}
+        seen: dict[str, int | None] = {spec.root: None}
+        occurrences: Counter = Counter()
+
+        def line_of(name: str, occurrence: int = 0) -> int | None:
+            found = self._lines.get(name, [])
+            return found[occurrence] if occurrence < len(found) else None
+
         self.graph.add_node(spec.root, display_name=spec.root, description=spec.description, aliases=())
 
         def visit(node: NodeSpec, parent: str) -> None:
+            occurrences[node.name] += 1
+            here = line_of(node.name, occurrences[node.name] - 1)
             if node.name in seen:
                 first = seen[node.name]
                 raise TaxonomyError(
-                    f"{_where(source, node.name)}: duplicate node name '{node.name}'"
-                    + (f" (first defined at line {first.line})" if getattr(first, "line", None) else "")
+                    f"{_where(source, here)}: duplicate node name '{node.name}'"
+                    + (f" (first defined at line {first})" if first else "")
                     + "; node names must be unique across the whole tree"
                 )
-            seen[node.name] = node.name
+            seen[node.name] = here
             self.graph.add_node(
                 str(node.name),
                 display_name=node.display_name or str(node.name),
@@ -222,7 +272,7 @@ class Taxonomy:
             self.graph.add_edge(parent, str(node.name))
             if len(node.children) == 1:
                 self.warnings.append(
-                    f"{_where(source, node.name)}: node '{node.name}' has a single child "
+                    f"{_where(source, here)}: node '{node.name}' has a single child "
                     f"'{node.children[0].name}'; its decision is trivial"
                 )
             for child in node.children:
@@ -235,15 +285,16 @@ class Taxonomy:
 
         for node in self.graph.nodes:
             for alias in self.graph.nodes[node]["aliases"]:
+                alias_line = self._lines.get("alias:" + alias, [0])[-1]
                 if alias in self.graph.nodes and alias != node:
                     raise TaxonomyError(
-                        f"{_where(source, alias)}: alias '{alias}' of '{node}' is also a node name; "
+                        f"{_where(source, alias_line)}: alias '{alias}' of '{node}' is also a node name; "
                         "remove the alias or rename the node"
                     )
                 other = self._alias_to_node.get(alias)
                 if other is not None and other != node:
                     raise TaxonomyError(
-                        f"{_where(source, alias)}: alias '{alias}' is given to both '{other}' and '{node}'; "
+                        f"{_where(source, alias_line)}: alias '{alias}' is given to both '{other}' and '{node}'; "
                         "an alias must map to exactly one node"
                     )
                 self._alias_to_node[alias] = node

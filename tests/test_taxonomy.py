@@ -72,10 +72,6 @@ LINE_CASES = [
 ]
 
 
-@pytest.mark.xfail(
-    reason="taxonomy.py loses YAML line numbers: pydantic turns the line-aware str subclass into str",
-    strict=False,
-)
 @pytest.mark.parametrize("text, line", LINE_CASES)
 def test_semantic_errors_name_the_line(tmp_path, text, line):
     path = write(tmp_path, text)

@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hiercls.data.images import open_rgb
 from hiercls.errors import DataError
 
-__all__ = ["ImageCache", "default_cache_dir", "decode_resized"]
+__all__ = ["ImageCache", "MAX_LISTED_FILES", "default_cache_dir", "decode_resized", "unreadable_error"]
 
 _FORMAT_VERSION = 1
 _PARALLEL_FROM = 32  # fewer images than this are decoded in the calling thread
@@ -55,6 +55,15 @@ def decode_resized(path: str | Path, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+#: Bad files quoted by name in one error; the rest are counted.
+MAX_LISTED_FILES = 10
+
+_AUDIT_HINT = (
+    "run `hiercls audit --taxonomy T.yaml --data DATA --write-manifest clean.csv` to list every bad "
+    "file and write a manifest without them, then use that manifest as --data"
+)
+
+
 def _identity(path: Path) -> tuple[str, int, int]:
     try:
         stat = path.stat()
@@ -63,6 +72,39 @@ def _identity(path: Path) -> tuple[str, int, int]:
     except OSError as exc:
         raise DataError(f"{path}: cannot read image file ({exc.strerror or exc})") from None
     return (str(path), int(stat.st_size), int(stat.st_mtime_ns))
+
+
+def _identities(paths: Sequence[Path]) -> list[tuple[str, int, int]]:
+    """File identities of all ``paths``; one ``DataError`` names every file that cannot be read."""
+    identities, failures = [], []
+    for path in paths:
+        try:
+            identities.append(_identity(path))
+        except DataError as exc:
+            failures.append((path, str(exc)))
+    if failures:
+        raise unreadable_error(failures, len(paths))
+    return identities
+
+
+def unreadable_error(failures: Sequence[tuple[Path, str]], total: int) -> DataError:
+    """One ``DataError`` for all files that failed: the count, the first few with reasons, the fix.
+
+    A run must not stop at the first bad file and then again at the next one after the
+    user fixed it: every unreadable file is found in one pass and reported together.
+    """
+    shown = "; ".join(_short_reason(path, message) for path, message in failures[:MAX_LISTED_FILES])
+    more = f"; and {len(failures) - MAX_LISTED_FILES} more" if len(failures) > MAX_LISTED_FILES else ""
+    return DataError(
+        f"{len(failures)} of {total} image file(s) cannot be read: {shown}{more}. "
+        f"Fix or remove them, or {_AUDIT_HINT}"
+    )
+
+
+def _short_reason(path: Path, message: str) -> str:
+    """'PATH (reason)' from an error message that starts with 'PATH: '."""
+    reason = message.removeprefix(f"{path}: ").split(";")[0]
+    return f"{path} ({reason})"
 
 
 class ImageCache:
@@ -76,7 +118,7 @@ class ImageCache:
 
     def key(self, paths: Sequence[str | Path], size: int) -> str:
         """The cache key of a file list at a size (order of ``paths`` does not matter)."""
-        identities = sorted(_identity(Path(os.path.abspath(p))) for p in paths)
+        identities = sorted(_identities([Path(os.path.abspath(p)) for p in paths]))
         return self._key(identities, size)
 
     @staticmethod
@@ -90,7 +132,8 @@ class ImageCache:
         A copy-on-write memory map (writes stay in memory; the cache file never changes)
         when the entry was stored in this order, which is always the case for the call that
         created it; an in-memory copy in the requested order otherwise. Unreadable images
-        raise ``DataError`` naming the file (run ``hiercls audit`` first).
+        raise one ``DataError`` naming them all (up to ``MAX_LISTED_FILES``, then a count)
+        before anything is trained, with the hint to run ``hiercls audit --write-manifest``.
         """
         if int(size) <= 0:
             raise ValueError(f"size must be positive, got {size}")
@@ -98,7 +141,7 @@ class ImageCache:
         abs_paths = [Path(os.path.abspath(p)) for p in paths]
         if not abs_paths:
             return np.empty((0, size, size, 3), dtype=np.uint8)
-        identities = [_identity(p) for p in abs_paths]
+        identities = _identities(abs_paths)
         key = self._key(sorted(identities), size)
         self.last_decoded = 0
         hit = self._open(key, size, len(abs_paths))
@@ -186,21 +229,34 @@ class ImageCache:
         todo = list(range(len(paths)))
         if identities is not None and self.cache_dir.exists():
             todo = self._copy_known_rows(identities, size, out)
+        failures: list[tuple[Path, str]] = []
+
+        def decode(i: int) -> tuple[int, np.ndarray | None, str | None]:
+            try:
+                return i, decode_resized(paths[i], size), None
+            except DataError as exc:  # collected: every bad file is reported in one error
+                return i, None, str(exc)
+
         with _progress_bar(progress) as bar:
             task = bar.add_task(f"decoding {len(todo)} images at {size}px", total=len(todo))
             if len(todo) < _PARALLEL_FROM or self.workers <= 1:
-                for i in todo:
-                    out[i] = decode_resized(paths[i], size)
-                    self.last_decoded += 1
-                    bar.advance(task)
+                results = map(decode, todo)
+                self._store(results, out, failures, paths, bar, task)
             else:
                 with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                    results = pool.map(lambda i: (i, decode_resized(paths[i], size)), todo)
-                    for i, image in results:
-                        out[i] = image
-                        self.last_decoded += 1
-                        bar.advance(task)
+                    self._store(pool.map(decode, todo), out, failures, paths, bar, task)
+        if failures:
+            raise unreadable_error(sorted(failures), len(paths))
         return out
+
+    def _store(self, results, out, failures, paths, bar, task) -> None:
+        for i, image, error in results:
+            if error is None:
+                out[i] = image
+                self.last_decoded += 1
+            else:
+                failures.append((paths[i], error))
+            bar.advance(task)
 
     def _copy_known_rows(self, identities, size, out) -> list[int]:
         known = self._reusable_rows(identities, size)

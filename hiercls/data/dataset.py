@@ -16,6 +16,7 @@ import csv
 import os
 import re
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from hiercls.data.images import IMAGE_EXTENSIONS, is_image_file
 from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import Taxonomy
 
-__all__ = ["ImageTable", "load_images", "unknown_label_counts", "write_manifest"]
+__all__ = ["DataWarning", "ImageTable", "load_images", "unknown_label_counts", "write_manifest"]
 
 _MAX_LISTED = 5  # line numbers / files quoted in one error message
 
@@ -48,6 +49,8 @@ class ImageTable:
     groups: list[str | None] = field(default_factory=list)
     raw_labels: list[str | None] = field(default_factory=list)
     source: str = ""
+    #: files found but left out while reading a folder (broken links, link loops)
+    skipped: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.paths)
@@ -129,17 +132,19 @@ def load_images(
     if not data.exists():
         raise DataError(f"{data}: not found; give a folder of class sub-folders, a folder of images or a CSV manifest")
     if data.is_dir():
-        root, paths, raw_labels, groups = _read_folder(data, require_labels)
+        root, paths, raw_labels, groups, skipped = _read_folder(data, require_labels)
         source = str(data)
     elif data.suffix.lower() == ".csv":
         root, paths, raw_labels, groups = _read_manifest(data, require_labels)
+        skipped = []
         source = str(data)
     else:
         raise DataError(f"{data}: not a folder or a .csv manifest; give a folder of class sub-folders or a CSV")
     if group_regex is not None:
         groups = _groups_from_regex(paths, group_regex, source)
     labels = _resolve(raw_labels, taxonomy, source, unknown_labels)
-    return ImageTable(root=root, paths=paths, labels=labels, groups=groups, raw_labels=raw_labels, source=source)
+    return ImageTable(root=root, paths=paths, labels=labels, groups=groups, raw_labels=raw_labels, source=source,
+                      skipped=skipped)
 
 
 def write_manifest(table: ImageTable, path: str | Path, overwrite: bool = False) -> None:
@@ -179,24 +184,61 @@ def write_manifest(table: ImageTable, path: str | Path, overwrite: bool = False)
 # Folders
 
 
-def _image_files_below(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder``, skipping hidden files and hidden folders, sorted."""
+class DataWarning(UserWarning):
+    """Something in the data was skipped or looks risky; training goes on."""
+
+
+def _dangling(path: Path) -> bool:
+    """True for a symbolic link that leads nowhere (broken, or a loop of links)."""
+    if not path.is_symlink():
+        return False
+    try:
+        path.stat()
+    except OSError:  # ENOENT (broken) or ELOOP (loop)
+        return True
+    return False
+
+
+def _image_files_below(folder: Path, skipped: list[Path]) -> list[Path]:
+    """Image files anywhere below ``folder``, skipping hidden files and hidden folders, sorted.
+
+    Linked folders are not followed (``os.walk`` default), so a link back up the tree cannot
+    make the walk loop; image names that are broken links or link loops go to ``skipped``.
+    """
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
+        for name in filenames:
+            if is_image_file(name):
+                path = Path(dirpath) / name
+                (skipped if _dangling(path) else found).append(path)
     return sorted(found)
+
+
+def _warn_skipped(root: Path, skipped: list[Path]) -> None:
+    if skipped:
+        shown = ", ".join(str(p.relative_to(root)) for p in sorted(skipped)[:_MAX_LISTED])
+        warnings.warn(
+            f"{root}: skipped {len(skipped)} image name(s) that are broken symbolic links or link loops "
+            f"({shown}{', ...' if len(skipped) > _MAX_LISTED else ''}); fix or remove the links",
+            DataWarning,
+            stacklevel=4,
+        )
 
 
 def _read_folder(folder: Path, require_labels: bool):
     root = Path(os.path.abspath(folder))
-    entries = sorted(root.iterdir())
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list the folder ({exc.strerror or exc}); check its permissions") from None
+    skipped: list[Path] = [p for p in entries if is_image_file(p) and _dangling(p)]
     subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     top_images = [p for p in entries if p.is_file() and is_image_file(p)]
     paths: list[Path] = []
     raw_labels: list[str | None] = []
     for sub in subdirs:
-        images = _image_files_below(sub)
+        images = _image_files_below(sub, skipped)
         paths.extend(images)
         raw_labels.extend([sub.name] * len(images))
     if paths and top_images:
@@ -217,7 +259,8 @@ def _read_folder(folder: Path, require_labels: bool):
             )
         paths = top_images
         raw_labels = [None] * len(paths)
-    return root, paths, raw_labels, [None] * len(paths)
+    _warn_skipped(root, skipped)
+    return root, paths, raw_labels, [None] * len(paths), skipped
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,17 +10,18 @@ a group count as their own group, which is only safe when they really are indepe
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 from rich.table import Table
 from sklearn.model_selection import StratifiedGroupKFold
 
-from hiercls.data.dataset import ImageTable
+from hiercls.data.dataset import DataWarning, ImageTable
 from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import Taxonomy
 
-__all__ = ["grouped_kfold", "grouped_train_val_split", "split_count_table", "group_warning", "group_ids"]
+__all__ = ["missing_label_warnings", "grouped_kfold", "grouped_train_val_split", "split_count_table", "group_warning", "group_ids"]
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -50,8 +51,46 @@ def grouped_kfold(table: ImageTable, n_folds: int = 5, seed: int = 0) -> list[Sp
     """``n_folds`` pairs ``(train_idx, val_idx)``, stratified by label, grouped by ``table.groups``.
 
     Every image is in exactly one validation fold and no group is split across folds.
-    ``DataError`` when there are fewer groups than folds.
+    ``DataError`` when there are fewer groups than folds. A label that a fold's training
+    or validation part lacks (a class of one image, or of one group) is not an error, but
+    a ``DataWarning`` names the label and the folds (see ``missing_label_warnings``).
     """
+    folds = _kfold(table, n_folds, seed)
+    _warn(missing_label_warnings(table, folds))
+    return folds
+
+
+def missing_label_warnings(table: ImageTable, splits: Sequence[Split]) -> list[str]:
+    """One message per label that is absent from the training or validation part of some split.
+
+    A label missing from training cannot be learned in that fold; one missing from
+    validation is not measured there. Both happen with classes of fewer images (or groups)
+    than folds, which scikit-learn would only hint at in a generic warning.
+    """
+    counts = Counter(label for label in table.labels if label is not None)
+    messages = []
+    single = len(splits) == 1
+    for label in sorted(counts):
+        holes = []
+        for part, column in (("training", 0), ("validation", 1)):
+            lacking = [k + 1 for k, split in enumerate(splits) if not any(table.labels[i] == label for i in split[column])]
+            if lacking:
+                where = "split" if single else ("fold " if len(lacking) == 1 else "folds ") + ", ".join(map(str, lacking))
+                holes.append(f"the {part} part of {where}")
+        if holes:
+            messages.append(
+                f"{table.source + ': ' if table.source else ''}label '{label}' ({counts[label]} image(s)) is missing "
+                f"from {' and '.join(holes)}; add images (or groups) of it, merge it into its parent, or exclude it"
+            )
+    return messages
+
+
+def _warn(messages: list[str]) -> None:
+    for message in messages:
+        warnings.warn(message, DataWarning, stacklevel=3)
+
+
+def _kfold(table: ImageTable, n_folds: int, seed: int) -> list[Split]:
     if n_folds < 2:
         raise ConfigError(f"number of folds must be at least 2, got {n_folds}")
     groups = group_ids(table)
@@ -82,7 +121,9 @@ def grouped_train_val_split(table: ImageTable, val_fraction: float = 0.2, seed: 
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     n_splits = max(2, round(1.0 / val_fraction))
-    return grouped_kfold(table, n_folds=n_splits, seed=seed)[0]
+    split = _kfold(table, n_splits, seed)[0]
+    _warn(missing_label_warnings(table, [split]))
+    return split
 
 
 def split_count_table(table: ImageTable, taxonomy: Taxonomy, splits: Sequence[Split]) -> Table:

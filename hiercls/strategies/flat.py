@@ -62,7 +62,7 @@ def build(
     columns: list[int] = []
     for k, node in enumerate(tree_ops.decision_nodes(taxonomy)):
         under = taxonomy.leaves_under(node)
-        local = {leaf: k for k, leaf in enumerate(under)}
+        local = {leaf: row for row, leaf in enumerate(under)}
         children = taxonomy.children(node)
         membership = torch.zeros((len(under), len(children)))
         for c, child in enumerate(children):

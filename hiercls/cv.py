@@ -1,0 +1,778 @@
+"""Grouped K-fold cross-validation over a grid of strategies and backbones (``hiercls cv``).
+
+One *cell* is one (strategy, backbone, fold): a ``hiercls fit`` run in
+``OUT/<strategy>__<backbone>/fold<k>/`` trained on the other folds, then scored on its held-out
+fold with the run's **last** checkpoint. ``fit`` picks its ``best`` checkpoint on the
+validation images, which here *are* the held-out fold; scoring that checkpoint would let the
+test data choose the model and inflate every number, so the last epoch is what is reported.
+
+Every cell ends with an atomically written ``cv_done.json``; a finished cell is never redone, so
+an interrupted cross-validation continues where it stopped when the same command is run again.
+After every finished cell the paper-style tables (Hamdi et al., Tables 2-4) are rewritten to
+``OUT/tables.md`` and ``OUT/tables.json`` from the cells finished so far. See ``docs/cv.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from rich.console import Console
+from rich.table import Table
+
+from hiercls.checkpoint import atomic_write_json, atomic_write_text
+from hiercls.config import FitConfig, read_config_file
+from hiercls.errors import CheckpointError, ConfigError, DataError
+
+__all__ = [
+    "CVConfig",
+    "CVResult",
+    "CellResult",
+    "load_cv_config",
+    "run_cv",
+    "cell_dir",
+    "safe_name",
+    "collect_cells",
+    "build_tables",
+    "render_tables_markdown",
+    "write_tables",
+    "CV_OWNED_OPTIONS",
+    "DONE_FILE",
+]
+
+STRATEGIES = ("flat", "per_node", "per_level", "joint")
+# FitConfig options that the cross-validation sets itself, per cell; they are not allowed under ``fit:``.
+CV_OWNED_OPTIONS = ("taxonomy", "data", "out", "strategy", "backbone", "fold", "folds", "val_fraction", "seed",
+                    "group_regex", "exclude")
+# ``fit:`` options that may change between two invocations on the same OUT (they do not change results).
+_RESTART_FREE = ("device", "num_workers", "cache_dir", "precision", "compile")
+DONE_FILE = "cv_done.json"
+SETTINGS_FILE = "cv_config.yaml"
+CHECKPOINT = "last"
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+class CVConfig(BaseModel):
+    """A cross-validation grid: data, folds, the strategies x backbones to compare, shared fit options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    taxonomy: Path
+    data: Path
+    out: Path
+    folds: int = Field(5, ge=2)
+    seed: int = 0
+    group_regex: str | None = None
+    exclude: list[str] = Field(default_factory=list)
+    strategies: list[Literal["flat", "per_node", "per_level", "joint"]] = Field(
+        default_factory=lambda: ["flat", "per_node", "joint"], min_length=1
+    )
+    backbones: list[str] = Field(default_factory=lambda: ["resnet18"], min_length=1)
+    aggregator: str = "mode"
+    group_by_available: bool | Literal["auto"] = "auto"
+    fit: dict[str, Any] = Field(default_factory=dict)
+
+    _source: str | None = PrivateAttr(default=None)
+
+    @field_validator("strategies", "backbones", "exclude")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        repeated = sorted({v for v in value if value.count(v) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once; give each once")
+        return value
+
+    @field_validator("backbones")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        if any(not v.strip() for v in value):
+            raise ValueError("a backbone name is empty")
+        paths = [safe_name(v) for v in value]
+        clash = sorted({v for v, p in zip(value, paths) if paths.count(p) > 1})
+        if clash:
+            raise ValueError(f"{', '.join(clash)} map to the same folder name; keep one of them")
+        return value
+
+    @field_validator("group_regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression '{value}' ({exc})") from None
+        return value
+
+    @field_validator("fit")
+    @classmethod
+    def _fit_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = [k for k in value if k in CV_OWNED_OPTIONS]
+        if owned:
+            hints = {"strategy": "strategies", "backbone": "backbones", "fold": "folds"}
+            where = ", ".join(f"'{k}'" + (f" (use top-level '{hints[k]}')" if k in hints else " (set it at top level)")
+                              for k in owned)
+            raise ValueError(f"{where} cannot be under fit:, the cross-validation sets it for every cell")
+        unknown = [k for k in value if k not in FitConfig.model_fields]
+        if unknown:
+            valid = ", ".join(k for k in FitConfig.model_fields if k not in CV_OWNED_OPTIONS)
+            raise ValueError(f"unknown fit option(s) {', '.join(unknown)}; valid ones: {valid}")
+        pretrained = value.get("pretrained")
+        if isinstance(pretrained, dict):
+            bad = [k for k, v in pretrained.items() if v is not None and not isinstance(v, (str, Path))]
+            if bad:
+                raise ValueError(f"fit.pretrained maps a backbone name to a weights file path; '{bad[0]}' is not")
+        elif pretrained is not None and not isinstance(pretrained, (str, Path)):
+            raise ValueError("fit.pretrained is a weights file path, or a mapping backbone name -> path")
+        return value
+
+    # -- derived ---------------------------------------------------------------------------
+
+    @property
+    def source(self) -> str:
+        """The config file this came from (for error messages), or 'cv config'."""
+        return self._source or "cv config"
+
+    @property
+    def cells(self) -> list[tuple[str, str, int]]:
+        """(strategy, backbone, fold) of every cell, fold-major so partial tables compare all models."""
+        return [(s, b, k) for k in range(self.folds) for b in self.backbones for s in self.strategies]
+
+    def pretrained_for(self, backbone: str) -> Path | None:
+        """The local weights file for ``backbone`` (``fit.pretrained`` is one path or a per-backbone mapping)."""
+        value = self.fit.get("pretrained")
+        if isinstance(value, dict):
+            value = value.get(backbone)
+        return Path(value) if value else None
+
+    def fit_config(self, strategy: str, backbone: str, fold: int) -> FitConfig:
+        """The ``FitConfig`` of one cell: the shared ``fit:`` options plus what the grid sets."""
+        options = {k: v for k, v in self.fit.items() if k != "pretrained"}
+        pretrained = self.pretrained_for(backbone)
+        options.update(
+            taxonomy=self.taxonomy, data=self.data, out=cell_dir(self.out, strategy, backbone, fold),
+            strategy=strategy, backbone=backbone, fold=fold, folds=self.folds, seed=self.seed,
+            group_regex=self.group_regex, exclude=list(self.exclude),
+            pretrained=pretrained,
+        )
+        try:
+            return FitConfig.model_validate(options)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            message = first["msg"].removeprefix("Value error, ")
+            if "input" in first and not isinstance(first["input"], dict):
+                message += f" (got {first['input']!r})"
+            raise ConfigError(f"{self.source}: option 'fit.{loc}': {message}") from None
+
+    def settings(self) -> dict[str, Any]:
+        """The options that define the results (compared when an OUT folder is continued)."""
+        data = self.model_dump(mode="json")
+        fit = {k: v for k, v in data["fit"].items() if k not in _RESTART_FREE}
+        return {k: data[k] for k in ("taxonomy", "data", "folds", "seed", "group_regex", "exclude", "aggregator",
+                                     "group_by_available")} | {"fit": fit}
+
+
+def safe_name(name: str) -> str:
+    """A backbone name as a folder name (``hf-hub:org/model`` -> ``hf-hub_org_model``)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned or "backbone"
+
+
+def cell_dir(out: str | Path, strategy: str, backbone: str, fold: int) -> Path:
+    """``OUT/<strategy>__<backbone>/fold<k>``: the run folder of one cell."""
+    return Path(out) / f"{strategy}__{safe_name(backbone)}" / f"fold{fold}"
+
+
+_PATH_KEYS_IN_FIT = ("pretrained", "cache_dir")
+
+
+def _resolve_fit_paths(fit: Any, folder: Path) -> Any:
+    """Make ``fit.pretrained`` (one path or a mapping) and ``fit.cache_dir`` absolute against ``folder``."""
+    if not isinstance(fit, dict):
+        return fit
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            return str((folder / value).resolve())
+        return value
+
+    fit = dict(fit)
+    for key in _PATH_KEYS_IN_FIT:
+        if key in fit:
+            value = fit[key]
+            fit[key] = {k: absolute(v) for k, v in value.items()} if isinstance(value, dict) else absolute(value)
+    return fit
+
+
+def _format_error(error: ValidationError, path: Path | None, given: dict[str, Any]) -> str:
+    first = error.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    option = ".".join(loc)
+    top = loc[0] if loc else ""
+    if top in given and top != "fit":
+        where = f"command-line option --{top.replace('_', '-')}"
+    elif path is not None:
+        where = f"{path}: option '{option}'"
+    else:
+        where = f"option '{option}'"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        message = f"unknown option; valid options are: {', '.join(CVConfig.model_fields)}"
+    elif kind == "missing":
+        message = f"is required; add '{top}:' to the config file"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        if "input" in first and not isinstance(first["input"], (dict, list)):
+            message += f" (got {first['input']!r})"
+    more = f" (and {len(error.errors()) - 1} more problems)" if len(error.errors()) > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def load_cv_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> CVConfig:
+    """Read a cv YAML file, apply ``overrides`` and validate everything before any training.
+
+    Relative paths in the file (``taxonomy``, ``data``, ``out``, ``fit.pretrained``,
+    ``fit.cache_dir``) are relative to the file's folder. ``overrides`` holds top-level options
+    (``None`` values are ignored) and may hold a ``fit`` dict merged into the file's ``fit:``.
+    Every cell's ``FitConfig`` is built once, so a bad ``fit:`` value fails here, naming the
+    file and option, not hours later.
+    """
+    file = Path(path) if path is not None else None
+    data = read_config_file(file) if file is not None else {}
+    if file is not None:
+        data["fit"] = _resolve_fit_paths(data.get("fit") or {}, file.parent.resolve())
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in given.items():
+        if key == "fit" and isinstance(value, dict) and isinstance(data.get("fit"), dict):
+            data["fit"] = {**data["fit"], **{k: v for k, v in value.items() if v is not None}}
+        else:
+            data[key] = value
+    try:
+        config = CVConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, file, given)) from None
+    config._source = str(file) if file is not None else "cv config"
+    for strategy in config.strategies:
+        for backbone in config.backbones:
+            config.fit_config(strategy, backbone, 0)
+    return config
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class CellResult:
+    """One (strategy, backbone, fold) cell: where it lives and what happened to it in this call."""
+
+    strategy: str
+    backbone: str
+    fold: int
+    run_dir: Path
+    status: Literal["done", "skipped", "pending"]
+    seconds: float | None = None
+    metrics: dict[str, Any] | None = None
+
+
+@dataclass
+class CVResult:
+    """What ``run_cv`` leaves behind."""
+
+    out: Path
+    tables_md: Path
+    tables_json: Path
+    cells: list[CellResult] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def finished(self) -> int:
+        return sum(c.status in ("done", "skipped") for c in self.cells)
+
+    @property
+    def trained(self) -> int:
+        return sum(c.status == "done" for c in self.cells)
+
+
+# -- running the grid -----------------------------------------------------------------------
+
+
+def _prepare_out(config: CVConfig) -> Path:
+    """Create OUT, or check that an existing OUT is this cross-validation (same settings)."""
+    out = Path(config.out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: out must be a folder for the cross-validation, but a file has that name")
+    settings_path = out / SETTINGS_FILE
+    if settings_path.is_file():
+        try:
+            stored = yaml.safe_load(settings_path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise CheckpointError(f"{settings_path}: cannot read ({exc}); choose another out folder") from None
+        changed = _changed_settings(stored.get("settings", {}), config.settings())
+        if changed:
+            raise ConfigError(
+                f"{out}: holds a cross-validation with other settings ({'; '.join(changed[:3])}); its finished "
+                "folds would not be comparable. Choose another out folder (or restore the settings)"
+            )
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"{out}: folder exists, is not empty and is not a hiercls cv folder (no {SETTINGS_FILE}); "
+            "choose another out folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings_path, yaml.safe_dump(
+        {"settings": config.settings(), "config": config.model_dump(mode="json")}, sort_keys=False))
+    return out
+
+
+def _changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    changed = []
+    for key in sorted(set(stored) | set(current)):
+        if key == "fit":
+            a, b = stored.get("fit", {}), current.get("fit", {})
+            changed += [f"fit.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif stored.get(key) != current.get(key):
+            changed.append(f"{key}: {stored.get(key)!r} -> {current.get(key)!r}")
+    return changed
+
+
+def _check_inputs(config: CVConfig) -> None:
+    """Fail on missing data, taxonomy, weights or excluded nodes before the first cell trains."""
+    from hiercls.taxonomy import load_taxonomy
+
+    for key in ("taxonomy", "data"):
+        value = Path(getattr(config, key))
+        if not value.exists():
+            raise ConfigError(f"{config.source}: option '{key}': {value} not found; fix the path "
+                              "(relative paths are relative to the config file's folder)")
+    taxonomy = load_taxonomy(config.taxonomy)
+    if config.exclude:
+        taxonomy.exclude(config.exclude)
+    for backbone in config.backbones:
+        weights = config.pretrained_for(backbone)
+        if weights is not None and not weights.is_file():
+            raise ConfigError(
+                f"{config.source}: option 'fit.pretrained' for {backbone}: {weights} not found; hiercls never "
+                "downloads weights: save them once (see docs/training.md) and give the local file"
+            )
+    from hiercls.aggregate import get_aggregator
+
+    get_aggregator(config.aggregator)
+
+
+def _absolute(config: CVConfig) -> CVConfig:
+    """A copy with absolute taxonomy / data / out paths (cells and tables then agree on them)."""
+    update = {k: Path(getattr(config, k)).expanduser().resolve() for k in ("taxonomy", "data", "out")}
+    copy = config.model_copy(update=update)
+    copy._source = config._source
+    return copy
+
+
+def _cell_state(run_dir: Path) -> Literal["done", "resume", "restart", "new"]:
+    from hiercls.run import RunPaths
+
+    if (run_dir / DONE_FILE).is_file():
+        return "done"
+    paths = RunPaths(run_dir)
+    if paths.is_run() and paths.metadata("last").is_file() and paths.state.is_file():
+        return "resume"
+    if paths.is_run():
+        return "restart"
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"{run_dir}: cell folder holds files that hiercls did not make (no config.yaml); move them away "
+            "and run the cross-validation again"
+        )
+    return "new"
+
+
+def _format_seconds(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _print_plan(console: Console, config: CVConfig, states: dict[tuple[str, str, int], str], out: Path) -> None:
+    table = Table(title=f"hiercls cv -> {out}", title_justify="left", header_style="bold")
+    table.add_column("strategy x backbone")
+    for k in range(config.folds):
+        table.add_column(f"fold {k}", justify="center")
+    marks = {"done": "[green]done[/]", "resume": "[yellow]resume[/]", "restart": "[yellow]restart[/]", "new": "–"}
+    for backbone in config.backbones:
+        for strategy in config.strategies:
+            table.add_row(f"{strategy} x {backbone}",
+                          *(marks[states[(strategy, backbone, k)]] for k in range(config.folds)))
+    console.print(table)
+    done = sum(s == "done" for s in states.values())
+    if done:
+        console.print(f"{done} of {len(states)} cells already finished: skipped (their results are kept as they are)")
+
+
+def run_cv(config: CVConfig, console: Console | None = None, progress: bool = True) -> CVResult:
+    """Train and evaluate every (strategy, backbone, fold) cell not finished yet, and write the tables.
+
+    Finished cells (``cv_done.json`` present) are skipped; an unfinished cell with a checkpoint is
+    resumed, one without is started again (only that hiercls-made cell folder is cleared). Every
+    fold uses the same grouped split for all strategies and backbones (same seed).
+    """
+    from hiercls import engine
+
+    console = console or Console(stderr=True)
+    config = _absolute(config)
+    _check_inputs(config)
+    out = _prepare_out(config)
+    cells = config.cells
+    states = {(s, b, k): _cell_state(cell_dir(out, s, b, k)) for s, b, k in cells}
+    _print_plan(console, config, states, out)
+    for backbone in config.backbones:
+        if "pretrained" in config.fit and config.pretrained_for(backbone) is None:
+            console.print(f"[yellow]warning:[/] no fit.pretrained entry for {backbone}: it starts from random weights")
+
+    result = CVResult(out, out / "tables.md", out / "tables.json")
+    table_cache: dict[str, Any] = {}
+    started = time.perf_counter()
+    durations: list[float] = []
+    todo = [c for c in cells if states[c] != "done"]
+    for position, (strategy, backbone, fold) in enumerate(cells, start=1):
+        run_dir = cell_dir(out, strategy, backbone, fold)
+        state = states[(strategy, backbone, fold)]
+        if state == "done":
+            result.cells.append(CellResult(strategy, backbone, fold, run_dir, "skipped"))
+            continue
+        left = len(todo) - len(durations)
+        eta = _format_seconds(np.mean(durations) * left) if durations else "?"
+        console.rule(
+            f"cell {position}/{len(cells)}: {strategy} x {backbone}, fold {fold} "
+            f"({'resuming' if state == 'resume' else 'starting'}) | elapsed "
+            f"{_format_seconds(time.perf_counter() - started)}, ETA {eta}",
+            align="left",
+        )
+        t0 = time.perf_counter()
+        fit_config = config.fit_config(strategy, backbone, fold)
+        run = engine.fit(fit_config, console, resume=state == "resume", overwrite=state == "restart",
+                         progress=progress)
+        if run.interrupted:
+            result.interrupted = True
+            result.cells.append(CellResult(strategy, backbone, fold, run_dir, "pending"))
+            console.print("[yellow]cross-validation interrupted[/]: run the same command again to continue; "
+                          "finished cells are kept")
+            break
+        metrics = evaluate_cell(config, run_dir, table_cache, console, progress)
+        seconds = time.perf_counter() - t0
+        atomic_write_json(run_dir / DONE_FILE, {
+            "strategy": strategy, "backbone": backbone, "fold": fold, "folds": config.folds,
+            "epochs": run.epochs_completed, "checkpoint": CHECKPOINT, "seconds": round(seconds, 1),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+        durations.append(seconds)
+        result.cells.append(CellResult(strategy, backbone, fold, run_dir, "done", seconds, metrics))
+        write_tables(config, out)
+        console.print(_cell_line(strategy, backbone, fold, metrics, seconds))
+    write_tables(config, out)
+    for cell in cells[len(result.cells):]:
+        result.cells.append(CellResult(cell[0], cell[1], cell[2], cell_dir(out, *cell), "pending"))
+    return result
+
+
+def _cell_line(strategy: str, backbone: str, fold: int, metrics: dict[str, Any], seconds: float) -> str:
+    def f(v: Any) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    auroc = (metrics.get("auroc") or {}).get("leaf_macro")
+    text = (f"[green]finished[/] {strategy} x {backbone}, fold {fold} in {_format_seconds(seconds)}: "
+            f"acc {f(metrics.get('accuracy'))}, macro-F1 {f(metrics.get('macro_f1'))}, AUROC {f(auroc)}, "
+            f"hF {f(metrics.get('hF'))} on {metrics.get('n_images')} held-out images")
+    groups = metrics.get("groups")
+    if groups:
+        text += f"; {groups['n_groups']} groups: acc {f(groups.get('accuracy'))}"
+    return text
+
+
+# -- evaluating one cell --------------------------------------------------------------------
+
+
+def _dataset(config: CVConfig, cache: dict[str, Any]):
+    """The full labelled table (all folds), loaded once per ``run_cv`` call."""
+    if "table" not in cache:
+        from hiercls.data import load_images
+        from hiercls.taxonomy import load_taxonomy
+
+        table = load_images(config.data, taxonomy=load_taxonomy(config.taxonomy), group_regex=config.group_regex)
+        if config.group_by_available is True and not table.has_groups:
+            raise DataError(
+                f"{config.data}: group_by_available is true but no image has a group; give a manifest group "
+                "column or group_regex, or set group_by_available: auto"
+            )
+        cache["table"] = table
+        cache["index"] = {str(p): i for i, p in enumerate(table.paths)}
+    return cache["table"], cache["index"]
+
+
+def evaluate_cell(
+    config: CVConfig, run_dir: Path, cache: dict[str, Any] | None = None, console: Console | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score a trained cell on its held-out fold with the last checkpoint.
+
+    Writes ``predictions.csv`` and ``metrics.json`` (image level, and group level under
+    ``groups`` when the data have groups) into ``run_dir`` and returns the metrics.
+    """
+    from hiercls.inference import decode, load_run, predict_table
+    from hiercls.metrics import evaluate_predictions
+    from hiercls.predictions import write_predictions_csv
+
+    cache = cache if cache is not None else {}
+    table, index = _dataset(config, cache)
+    split_path = run_dir / "split.json"
+    try:
+        held_out = json.loads(split_path.read_text(encoding="utf-8"))["val"]
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{split_path}: cannot read the held-out fold ({exc}); delete {run_dir} and run again") from None
+    missing = [p for p in held_out if p not in index]
+    if missing:
+        raise DataError(f"{run_dir}: {len(missing)} held-out image(s) are no longer in {config.data} "
+                        f"(e.g. {missing[0]}); the data changed since this cell was trained")
+    val = table.subset([index[p] for p in held_out])
+    loaded = load_run(run_dir, CHECKPOINT)
+    probs = predict_table(loaded, val, device=loaded.config.device, progress=progress, console=console)
+    predictions = decode(probs, loaded.config)
+    paths, labels, groups = [str(p) for p in val.paths], list(val.labels), list(val.groups)
+    write_predictions_csv(run_dir / "predictions.csv", probs, paths, labels, groups, predictions)
+    metrics = evaluate_predictions(loaded.taxonomy, labels, predictions, probs)
+    use_groups = config.group_by_available is True or (config.group_by_available == "auto" and table.has_groups)
+    if use_groups:
+        metrics["groups"] = _group_metrics(config, loaded.taxonomy, groups, labels, predictions, probs)
+    metrics["cv"] = {
+        "strategy": loaded.config.strategy, "backbone": loaded.config.backbone, "fold": loaded.config.fold,
+        "folds": loaded.config.folds, "checkpoint": CHECKPOINT, "epoch": loaded.metadata.get("epoch"),
+    }
+    metrics = _json_ready(metrics)
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _group_metrics(config: CVConfig, taxonomy, groups, labels, predictions, probs) -> dict[str, Any]:
+    """Aggregate the held-out images per group (slide / patient) and score the groups."""
+    from hiercls.aggregate import aggregate_truth, get_aggregator
+    from hiercls.metrics import evaluate_predictions
+
+    keep = [i for i, g in enumerate(groups) if g is not None]
+    notes = [f"{len(groups) - len(keep)} image(s) without a group left out"] if len(keep) < len(groups) else []
+    if not keep:
+        return {"n_groups": 0, "notes": notes + ["no held-out image has a group"]}
+    kept_groups = [groups[i] for i in keep]
+    aggregator = get_aggregator(config.aggregator)
+    group_ids, group_preds, group_probs = aggregator.aggregate(
+        taxonomy, kept_groups, [predictions[i] for i in keep], probs[np.asarray(keep, dtype=np.int64)]
+    )
+    truth = aggregate_truth(kept_groups, [labels[i] for i in keep])
+    metrics = evaluate_predictions(taxonomy, truth.true_nodes, group_preds, group_probs)
+    metrics["notes"] = notes + [n.replace("row(s)", "group(s)") for n in metrics["notes"]]
+    if truth.n_mixed:
+        metrics["notes"].append(f"{truth.n_mixed} group(s) hold images with different labels; "
+                                "their label is the most frequent one")
+    metrics.update(n_groups=len(group_ids), n_mixed_groups=truth.n_mixed, aggregator=config.aggregator)
+    return metrics
+
+
+def _json_ready(value: Any) -> Any:
+    """Plain JSON types; NaN / inf become null."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+# -- the tables -----------------------------------------------------------------------------
+
+# (key in tables.json, column title, how to read it from a metrics dict)
+_TABLE2_METRICS = (
+    ("accuracy", "ACC", lambda m: m.get("accuracy")),
+    ("macro_f1", "macro-F1", lambda m: m.get("macro_f1")),
+    ("auroc", "AUROC", lambda m: (m.get("auroc") or {}).get("leaf_macro")),
+    ("hF", "hF", lambda m: m.get("hF")),
+)
+
+
+def collect_cells(config: CVConfig, out: str | Path | None = None) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The metrics of every finished cell of the grid (read from disk, so restarts see all of them)."""
+    out = Path(out or config.out)
+    found = {}
+    for strategy, backbone, fold in config.cells:
+        run_dir = cell_dir(out, strategy, backbone, fold)
+        if (run_dir / DONE_FILE).is_file() and (run_dir / "metrics.json").is_file():
+            found[(strategy, backbone, fold)] = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    return found
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and sample std (n - 1) of the defined values; std is None with fewer than two."""
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return None, None, 0
+    std = float(np.std(present, ddof=1)) if len(present) > 1 else None
+    return float(np.mean(present)), std, len(present)
+
+
+def build_tables(config: CVConfig, cells: dict[tuple[str, str, int], dict[str, Any]]) -> dict[str, Any]:
+    """Tables 2-4 of Hamdi et al. as JSON-ready data, from the finished cells' metrics."""
+    from hiercls.taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy(config.taxonomy)
+    if config.exclude:
+        taxonomy = taxonomy.exclude(config.exclude)
+    models = [(s, b) for b in config.backbones for s in config.strategies]
+    levels = ["images"] + (["groups"] if any("groups" in m and m["groups"].get("n_groups") for m in cells.values()) else [])
+
+    def level_metrics(level: str, key) -> dict[str, Any] | None:
+        m = cells.get(key)
+        if m is None:
+            return None
+        return m if level == "images" else m.get("groups")
+
+    table2: dict[str, list[dict[str, Any]]] = {}
+    table3: dict[str, list[dict[str, Any]]] = {}
+    for level in levels:
+        rows2, rows3 = [], []
+        for strategy, backbone in models:
+            per_fold = [level_metrics(level, (strategy, backbone, k)) for k in range(config.folds)]
+            for key, _title, get in _TABLE2_METRICS:
+                values = [get(m) if m else None for m in per_fold]
+                mean, std, n = _mean_std(values)
+                rows2.append({"strategy": strategy, "backbone": backbone, "metric": key, "folds": values,
+                              "mean": mean, "std": std, "n_folds": n})
+            for node in taxonomy.internal_nodes:
+                values = [(m.get("per_level_accuracy") or {}).get(node) if m else None for m in per_fold]
+                mean, std, n = _mean_std(values)
+                rows3.append({"strategy": strategy, "backbone": backbone, "node": node,
+                              "decision": " vs ".join(taxonomy.children(node)), "folds": values,
+                              "mean": mean, "std": std, "n_folds": n})
+        table2[level], table3[level] = rows2, rows3
+
+    table4 = []
+    for strategy, backbone in models:
+        per_fold = [cells.get((strategy, backbone, k)) for k in range(config.folds)]
+        for node in taxonomy.nodes:
+            if node == taxonomy.root:
+                continue
+            row: dict[str, Any] = {"strategy": strategy, "backbone": backbone, "node": node,
+                                   "leaf": taxonomy.is_leaf(node), "depth": taxonomy.depth(node)}
+            for key in ("precision", "recall", "f1"):
+                values = [((m.get("per_class") or {}).get(node) or {}).get(key) if m else None for m in per_fold]
+                row[key], row[f"{key}_std"], _n = _mean_std(values)
+            row["n_folds"] = sum(m is not None for m in per_fold)
+            row["support"] = int(sum(((m.get("per_class") or {}).get(node) or {}).get("support") or 0
+                                     for m in per_fold if m))
+            table4.append(row)
+
+    finished = len(cells)
+    return {
+        "settings": {
+            "taxonomy": str(config.taxonomy), "data": str(config.data), "folds": config.folds, "seed": config.seed,
+            "exclude": list(config.exclude), "strategies": list(config.strategies), "backbones": list(config.backbones),
+            "group_regex": config.group_regex, "aggregator": config.aggregator, "checkpoint": CHECKPOINT,
+            "fit": _json_ready({k: (str(v) if isinstance(v, Path) else v) for k, v in config.fit.items()}),
+        },
+        "finished_cells": finished,
+        "total_cells": len(config.cells),
+        "notes": [
+            "mean and std over folds; std is the sample standard deviation (n - 1) of the finished folds",
+            f"every fold is scored with the {CHECKPOINT} checkpoint of a run trained on the other folds",
+            "ACC is exact accuracy on images labelled at a leaf; AUROC is the unweighted mean of the "
+            "one-vs-rest leaf AUROCs; hF is the hierarchical F1 (micro)",
+        ],
+        "table2": table2,
+        "table3": table3,
+        "table4": table4,
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _fmt_mean_std(mean: float | None, std: float | None, n: int, total: int) -> str:
+    if mean is None:
+        return "–"
+    text = f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
+    return text + (f" ({n}/{total} folds)" if n < total else "")
+
+
+def render_tables_markdown(tables: dict[str, Any]) -> str:
+    """The tables as a markdown document (what ``OUT/tables.md`` holds)."""
+    s = tables["settings"]
+    folds = s["folds"]
+    lines = [
+        "# Cross-validation results",
+        "",
+        f"- taxonomy: `{s['taxonomy']}`" + (f", without {', '.join(s['exclude'])}" if s["exclude"] else ""),
+        f"- data: `{s['data']}`" + (f", groups from `{s['group_regex']}`" if s["group_regex"] else ""),
+        f"- {folds}-fold grouped cross-validation (seed {s['seed']}), the same split for every model;"
+        f" scored with the **{s['checkpoint']}** checkpoint",
+        f"- fit options: " + (", ".join(f"{k}={v}" for k, v in s["fit"].items()) or "defaults"),
+        f"- finished cells: {tables['finished_cells']} of {tables['total_cells']}",
+        "",
+        *(f"Note: {n}." for n in tables["notes"]),
+        "",
+    ]
+    level_title = {"images": "image level", "groups": f"group level ({s['aggregator']} of the images' predictions)"}
+    titles = {key: title for key, title, _ in _TABLE2_METRICS}
+    for level, rows in tables["table2"].items():
+        lines += [f"## Table 2: ACC, macro-F1, AUROC (and hF) per fold, {level_title[level]}", "",
+                  "| model | metric | " + " | ".join(f"fold {k}" for k in range(folds)) + " | mean ± std |",
+                  "|---|---|" + "---:|" * folds + "---:|"]
+        for r in rows:
+            lines.append(f"| {r['strategy']} / {r['backbone']} | {titles[r['metric']]} | "
+                         + " | ".join(_fmt(v) for v in r["folds"])
+                         + f" | {_fmt_mean_std(r['mean'], r['std'], r['n_folds'], folds)} |")
+        lines.append("")
+    for level, rows in tables["table3"].items():
+        nodes = list(dict.fromkeys((r["node"], r["decision"]) for r in rows))
+        lines += [f"## Table 3: accuracy of each decision (mean ± std over folds), {level_title[level]}", "",
+                  "| model | " + " | ".join(f"{n}: {d}" for n, d in nodes) + " |",
+                  "|---|" + "---:|" * len(nodes)]
+        models = list(dict.fromkeys((r["strategy"], r["backbone"]) for r in rows))
+        for model in models:
+            cells = [r for r in rows if (r["strategy"], r["backbone"]) == model]
+            lines.append(f"| {model[0]} / {model[1]} | "
+                         + " | ".join(_fmt_mean_std(r["mean"], r["std"], r["n_folds"], folds) for r in cells) + " |")
+        lines.append("")
+    lines += ["## Table 4: per-class precision / recall / F1 (mean over folds), image level", ""]
+    models = list(dict.fromkeys((r["strategy"], r["backbone"]) for r in tables["table4"]))
+    for model in models:
+        lines += [f"### {model[0]} / {model[1]}", "", "| class | precision | recall | F1 | support |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in (r for r in tables["table4"] if (r["strategy"], r["backbone"]) == model):
+            name = "&nbsp;&nbsp;" * (r["depth"] - 1) + (r["node"] if r["leaf"] else f"*{r['node']}*")
+            lines.append(f"| {name} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {r['support']} |")
+        lines.append("")
+    lines.append("Internal nodes (in italics) count an image as positive when its label or prediction lies under them.")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(config: CVConfig, out: str | Path | None = None) -> tuple[Path, Path]:
+    """Rewrite ``OUT/tables.json`` and ``OUT/tables.md`` from the cells finished so far."""
+    out = Path(out or config.out)
+    tables = build_tables(config, collect_cells(config, out))
+    json_path = atomic_write_json(out / "tables.json", tables)
+    md_path = atomic_write_text(out / "tables.md", render_tables_markdown(tables))
+    return md_path, json_path

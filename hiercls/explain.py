@@ -1,0 +1,466 @@
+"""Grad-CAM for every decision on a predicted path through the tree, and a panel to look at.
+
+A hierarchical prediction is a chain of decisions ("root: Leukemia", "Leukemia: Acute",
+"Acute: AML"). :func:`gradcam_per_level` explains each of them separately: for every
+internal node on the path it differentiates the score of the chosen child with respect
+to the activations of the backbone's ``gradcam_layer`` and returns one heatmap per
+decision (Selvaraju et al., Grad-CAM: ``ReLU(sum_c alpha_c A_c)``, ``alpha_c`` the
+spatial mean of the gradient of channel ``c``). What "the score of the chosen child" is
+depends on the strategy:
+
+* ``joint``: the logit of the child in that node's head; all heads share one backbone;
+* ``per_node``: the logit of the child in that node's own model;
+* ``per_level``: the logit of the child in the model of the child's depth;
+* ``flat``: the log of the summed leaf probabilities under the child, up to a constant
+  (``logsumexp`` of the child's leaf logits), which for a leaf is its logit.
+
+:func:`render_panel` draws the input image next to one overlay per decision.
+See docs/explain.md for how to read the pictures and what they cannot tell.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hiercls.errors import ConfigError
+from hiercls.taxonomy import Taxonomy
+
+__all__ = ["LevelCam", "gradcam_per_level", "activation_to_cam", "render_panel", "decision_path"]
+
+
+@dataclass
+class LevelCam:
+    """The Grad-CAM of one decision on the explained path.
+
+    ``decision`` is the internal node deciding, ``child`` the child chosen, ``probability``
+    P(child | decision) for the image, ``heatmap`` a float32 ``[H, W]`` map in [0, 1] at the
+    input's size (1 = the strongest evidence for ``child`` in this image, 0 = none),
+    ``depth`` the decision node's depth (root 0) and ``unit`` the training unit whose
+    model produced the score (e.g. ``joint``, ``node:Leukemia``, ``level:2``, ``flat``).
+    """
+
+    decision: str
+    child: str
+    probability: float
+    heatmap: np.ndarray
+    depth: int
+    unit: str
+
+    def title(self, taxonomy: Taxonomy | None = None) -> str:
+        """``"root: Leukemia 0.93"`` (display names when a taxonomy is given)."""
+        name = taxonomy.display_name if taxonomy is not None else str
+        return f"{name(self.decision)}: {name(self.child)} {self.probability:.2f}"
+
+
+# -- the path to explain -----------------------------------------------------------------
+
+
+def decision_path(taxonomy: Taxonomy, conditional: np.ndarray, target: str | None = None) -> list[tuple[str, str]]:
+    """``(decision node, chosen child)`` pairs from the root down.
+
+    Without ``target`` the path is the greedy one (the most probable child at each node,
+    ``conditional`` being one image's P(node | parent) row); with ``target`` it is the path
+    to that node (e.g. the true label). Nodes with a single child make no decision and
+    are left out.
+    """
+    if target is not None:
+        node = taxonomy.resolve(target)
+        steps = taxonomy.path(node)
+        pairs = list(zip(steps[:-1], steps[1:]))
+    else:
+        pairs = []
+        node = taxonomy.root
+        while not taxonomy.is_leaf(node):
+            children = taxonomy.children(node)
+            best = children[int(np.argmax(conditional[taxonomy.children_indices(node)]))]
+            pairs.append((node, best))
+            node = best
+    return [(parent, child) for parent, child in pairs if len(taxonomy.children(parent)) >= 2]
+
+
+# -- Grad-CAM from activations and gradients --------------------------------------------
+
+
+def activation_to_cam(
+    activation: Tensor,
+    gradient: Tensor,
+    size: tuple[int, int],
+    *,
+    num_prefix_tokens: int = 0,
+    channels: Sequence[int] = (),
+    channels_last: bool | None = None,
+    grid_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """One image's Grad-CAM ``float32 [H, W]`` in [0, 1] from a layer's activation and its gradient.
+
+    ``activation`` / ``gradient`` are ``[1, C, h, w]`` maps, ``[1, h, w, C]`` channels-last
+    maps (Swin-style stages) or ``[1, T, C]`` tokens of a ViT (``num_prefix_tokens`` class /
+    register tokens first, then a patch grid of ``grid_size`` or, when not given, the
+    factorisation of the patch count closest to the image's aspect ratio). For a 4-D map
+    the channel axis is the one whose size is in ``channels`` (the layer's known widths);
+    when both or neither match, ``channels_last`` decides (default: channels first).
+    The map is upsampled bilinearly to ``size`` and divided by its maximum, so 0 keeps
+    meaning "no positive evidence"; a map without any positive evidence stays all zero.
+    """
+    a = activation.detach().float()
+    g = gradient.detach().float()
+    if a.shape != g.shape:
+        raise ValueError(f"activation {tuple(a.shape)} and gradient {tuple(g.shape)} differ in shape")
+    if a.ndim == 3:
+        a, g = _tokens_to_map(a, num_prefix_tokens, grid_size, size), _tokens_to_map(g, num_prefix_tokens, grid_size, size)
+    elif a.ndim == 4:
+        if False:
+            a, g = a.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)
+    else:
+        raise ValueError(
+            f"Grad-CAM needs maps [B, C, h, w], [B, h, w, C] or tokens [B, T, C]; the layer gave {tuple(a.shape)}"
+        )
+    weights = g.mean(dim=(2, 3), keepdim=True)  # alpha_c: spatial mean of the gradient
+    cam = torch.relu((weights * a).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0].clamp_(min=0)
+    cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(cam.max())
+    if peak > 0:
+        cam = cam / peak
+    return cam.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
+
+
+def _is_channels_last(shape: tuple[int, ...], channels: set[int], declared: bool | None) -> bool:
+    first, last = shape[1] in channels, shape[-1] in channels
+    if first != last:
+        return last
+    return bool(declared)
+
+
+def _tokens_to_map(
+    tokens: Tensor, num_prefix_tokens: int, grid_size: tuple[int, int] | None, size: tuple[int, int]
+) -> Tensor:
+    """``[B, T, C]`` tokens -> ``[B, C, h, w]`` map of the patch tokens."""
+    patches = tokens[:, num_prefix_tokens:, :]
+    count = patches.shape[1]
+    if grid_size is None or grid_size[0] * grid_size[1] != count:
+        grid_size = _grid_for(count, size)
+    h, w = grid_size
+    return patches.reshape(patches.shape[0], h, w, patches.shape[2]).permute(0, 3, 1, 2)
+
+
+def _grid_for(count: int, size: tuple[int, int]) -> tuple[int, int]:
+    """``(h, w)`` with ``h * w == count`` whose aspect ratio is closest to the image's."""
+    if count < 1:
+        raise ValueError("the Grad-CAM layer produced no patch tokens after the prefix tokens")
+    aspect = size[0] / max(size[1], 1)
+    pairs = [(h, count // h) for h in range(1, count + 1) if count % h == 0]
+    return min(pairs, key=lambda hw: abs(math.log(hw[0] / hw[1]) - math.log(aspect)))
+
+
+# -- hooking a backbone -------------------------------------------------------------------
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The plain module behind ``torch.compile`` / DataParallel wrappers (their hooks would not fire)."""
+    for _ in range(4):
+        inner = getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(module, "module", None) if type(module).__name__.endswith("DataParallel") else None
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+    return module
+
+
+def _layer_channels(backbone: nn.Module, layer: nn.Module) -> tuple[int, ...]:
+    """Widths the Grad-CAM layer's output may have: its last weighted sub-module's, and ``num_features``."""
+    widths = []
+    for module in reversed(list(layer.modules())):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight.ndim >= 1:
+            widths.append(int(weight.shape[0]))
+            break
+    widths.append(int(getattr(backbone, "num_features", 0) or 0))
+    return tuple(w for w in widths if w > 0)
+
+
+class _Capture:
+    """A forward hook keeping the last output of a module (the first tensor of a tuple)."""
+
+    def __init__(self, layer: nn.Module):
+        self.activation: Tensor | None = None
+        self.handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, (tuple, list)):
+            output = next((o for o in output if isinstance(o, Tensor)), None)
+        self.activation = output if isinstance(output, Tensor) else None
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class _BackboneCam:
+    """Grad-CAM of scores computed from one backbone's ``gradcam_layer``."""
+
+    def __init__(self, backbone: nn.Module, size: tuple[int, int], what: str):
+        layer = getattr(backbone, "gradcam_layer", None)
+        if not isinstance(layer, nn.Module):
+            raise ConfigError(
+                f"{what}: backbone {type(backbone).__name__} has no Grad-CAM layer (its `gradcam_layer` is "
+                f"{layer!r}); a backbone plugin must set it with set_backbone_attributes(..., gradcam_layer=...)"
+            )
+        self.layer = layer
+        self.size = size
+        self.prefix = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
+        self.channels = _layer_channels(backbone, layer)
+        self.channels_last = str(getattr(backbone, "output_fmt", "")).upper() == "NHWC"
+        grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
+        self.grid = (int(grid[0]), int(grid[1])) if isinstance(grid, (tuple, list)) and len(grid) == 2 else None
+
+    def run(self, forward: Callable[[], Any]) -> tuple[Any, Tensor]:
+        """Call ``forward`` with the layer hooked; the outputs and the captured activation."""
+        capture = _Capture(self.layer)
+        try:
+            outputs = forward()
+        finally:
+            capture.remove()
+        if capture.activation is None or not capture.activation.requires_grad:
+            raise ConfigError(
+                f"the Grad-CAM layer {type(self.layer).__name__} produced no differentiable tensor output; "
+                "the backbone's `gradcam_layer` must be a module on the path from the image to the features"
+            )
+        return outputs, capture.activation
+
+    def cam(self, score: Tensor, activation: Tensor) -> np.ndarray:
+        (gradient,) = torch.autograd.grad(score, activation, retain_graph=True)
+        return activation_to_cam(
+            activation,
+            gradient,
+            self.size,
+            num_prefix_tokens=self.prefix,
+            channels=self.channels,
+            channels_last=self.channels_last,
+            grid_size=self.grid,
+        )
+
+
+# -- Grad-CAM per level -------------------------------------------------------------------
+
+
+def gradcam_per_level(
+    model: nn.Module,
+    image: Tensor,
+    *,
+    target: str | None = None,
+) -> list[LevelCam]:
+    """One Grad-CAM per decision on the predicted path (or the path to ``target``).
+
+    ``model`` is a ``HierarchicalClassifier`` (any strategy); ``image`` one normalised image
+    ``[1, 3, H, W]`` (the evaluation transform; it is moved to the model's device).
+    The model runs in eval mode in float32; the parameters' ``requires_grad``, the
+    model's training mode and its hooks are as before when this returns, and no
+    parameter gradient is accumulated. Heatmaps are ``float32 [H, W]`` in [0, 1].
+    """
+    from hiercls.strategies.base import HierarchicalClassifier
+
+    if not isinstance(model, HierarchicalClassifier):
+        raise TypeError(f"gradcam_per_level needs a HierarchicalClassifier, got {type(model).__name__}")
+    if not isinstance(image, Tensor) or image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"image must be one normalised image [1, 3, H, W], got {shape}")
+    taxonomy = model.taxonomy
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else image.device
+    x = image.detach().to(device=device, dtype=torch.float32)
+    size = (int(x.shape[2]), int(x.shape[3]))
+
+    was_training = model.training
+    grad_states = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for p, _ in grad_states:
+                p.requires_grad_(False)
+            with torch.no_grad():
+                conditional = model.node_conditionals(x)[0].double().cpu().numpy()
+            path = decision_path(taxonomy, conditional, target)
+            if not path:
+                return []
+            x = x.clone().requires_grad_(True)  # activations need a graph even with frozen weights
+            explain = _STRATEGIES.get(model.strategy)
+            if explain is None:
+                raise ConfigError(
+                    f"Grad-CAM does not know strategy '{model.strategy}'; known: {', '.join(sorted(_STRATEGIES))}"
+                )
+            heatmaps = explain(model, x, path, size)
+    finally:
+        for p, state in grad_states:
+            p.requires_grad_(state)
+        model.train(was_training)
+    return [
+        LevelCam(
+            decision=node,
+            child=child,
+            probability=float(conditional[taxonomy.index[child]]),
+            heatmap=heatmap,
+            depth=taxonomy.depth(node),
+            unit=unit,
+        )
+        for (node, child), (unit, heatmap) in zip(path, heatmaps)
+    ]
+
+
+_Path = list[tuple[str, str]]
+_Heatmaps = list[tuple[str, np.ndarray]]
+
+
+def _joint(model: nn.Module, x: Tensor, path: _Path, size: tuple[int, int]) -> _Heatmaps:
+    unit = model.training_units()[0]
+    network = _unwrap(unit.module)
+    hooked = _BackboneCam(network.backbone, size, "joint model")
+    outputs, activation = hooked.run(lambda: network(x))
+    taxonomy = model.taxonomy
+    return [
+        (unit.name, hooked.cam(outputs[node][0, taxonomy.children(node).index(child)], activation))
+        for node, child in path
+    ]
+
+
+def _per_node(model: nn.Module, x: Tensor, path: _Path, size: tuple[int, int]) -> _Heatmaps:
+    units = {getattr(u, "node", None): u for u in model.training_units()}
+    taxonomy = model.taxonomy
+    out = []
+    for node, child in path:
+        unit = units[node]
+        network = _unwrap(unit.module)
+        hooked = _BackboneCam(network.backbone, size, f"model of node '{node}'")
+        logits, activation = hooked.run(lambda: network(x))
+        out.append((unit.name, hooked.cam(logits[0, taxonomy.children(node).index(child)], activation)))
+    return out
+
+
+def _per_level(model: nn.Module, x: Tensor, path: _Path, size: tuple[int, int]) -> _Heatmaps:
+    taxonomy = model.taxonomy
+    out = []
+    for node, child in path:
+        column = taxonomy.index[child]
+        unit = next(u for u in model.training_units() if column in u.columns)
+        network = _unwrap(unit.module)
+        hooked = _BackboneCam(network.backbone, size, f"model of level {taxonomy.depth(child)}")
+        logits, activation = hooked.run(lambda: network(x))
+        out.append((unit.name, hooked.cam(logits[0, list(unit.columns).index(column)], activation)))
+    return out
+
+
+def _flat(model: nn.Module, x: Tensor, path: _Path, size: tuple[int, int]) -> _Heatmaps:
+    unit = model.training_units()[0]
+    network = _unwrap(unit.module)
+    hooked = _BackboneCam(network.backbone, size, "flat model")
+    logits, activation = hooked.run(lambda: network(x))
+    taxonomy = model.taxonomy
+    position = {leaf: j for j, leaf in enumerate(taxonomy.leaves)}
+    out = []
+    for _node, child in path:
+        columns = torch.tensor([position[leaf] for leaf in taxonomy.leaves_under(child)], device=logits.device)
+        # log of the summed (unnormalised) leaf probabilities under ``child``: for a leaf, its logit
+        score = torch.logsumexp(logits[0].float().index_select(0, columns), dim=0)
+        out.append((unit.name, hooked.cam(score, activation)))
+    return out
+
+
+_STRATEGIES: dict[str, Callable[[nn.Module, Tensor, _Path, tuple[int, int]], _Heatmaps]] = {
+    "joint": _joint,
+    "per_node": _per_node,
+    "per_level": _per_level,
+    "flat": _flat,
+}
+
+
+# -- the picture -------------------------------------------------------------------------
+
+
+def render_panel(
+    image_rgb: np.ndarray,
+    cams: Sequence[LevelCam],
+    path: str | Path,
+    taxonomy: Taxonomy | None = None,
+    *,
+    title: str | None = None,
+    alpha: float = 0.45,
+    colormap: str = "jet",
+    overwrite: bool = False,
+) -> Path:
+    """Write a PNG: the input image, then one Grad-CAM overlay per decision, titled with it.
+
+    ``image_rgb`` is the ``uint8 [H, W, 3]`` image the model saw (heatmaps of another
+    size are resized to it). Titles read ``"root: Leukemia 0.93"`` (display names when
+    ``taxonomy`` is given); one colour bar explains the scale. An existing file is
+    replaced only with ``overwrite=True``; the file is written atomically.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    image = np.asarray(image_rgb)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image_rgb must be uint8 [H, W, 3], got {image.dtype} {tuple(image.shape)}")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path}: file exists; remove it, choose another folder or pass overwrite (--overwrite)")
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"{path}: a Grad-CAM panel is a PNG; give a path ending in .png")
+    height, width = image.shape[:2]
+    panels = 1 + len(cams)
+    figure = Figure(figsize=(3.0 * panels + 0.6, 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    axes[0].imshow(image, interpolation="bilinear")
+    axes[0].set_title("input", fontsize=10)
+    shown = None
+    for axis, cam in zip(axes[1:], cams):
+        heat = _fit_heatmap(cam.heatmap, (height, width))
+        axis.imshow(image, interpolation="bilinear")
+        shown = axis.imshow(heat, cmap=colormap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+        axis.set_title(textwrap.fill(cam.title(taxonomy), width=30), fontsize=10)
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    if title:
+        figure.suptitle(title, fontsize=11)
+    if shown is not None:  # an opaque scale, not the see-through overlay colours
+        scale = ScalarMappable(norm=Normalize(vmin=0.0, vmax=1.0), cmap=colormap)
+        bar = figure.colorbar(scale, ax=list(axes), fraction=0.025, pad=0.02)
+        bar.set_label("Grad-CAM (evidence for the chosen child)", fontsize=8)
+        bar.set_ticks([0.0, 0.5, 1.0])
+    _save_atomically(figure, path)
+    return path
+
+
+def _fit_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32)).clip(0.0, 1.0)
+    if heat.shape == size:
+        return heat
+    tensor = torch.from_numpy(heat)[None, None]
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
+
+
+def _save_atomically(figure: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(handle)
+    try:
+        figure.savefig(temporary, format="png", bbox_inches="tight")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,283 @@
+"""Grad-CAM per level (hiercls.explain) and the `hiercls explain` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from hiercls.cli import main
+from hiercls.errors import ConfigError
+from hiercls.explain import LevelCam, activation_to_cam, decision_path, gradcam_per_level, render_panel
+from hiercls.models.backbone import set_backbone_attributes
+from hiercls.strategies import build_strategy
+from hiercls.taxonomy import load_taxonomy
+
+REPO = Path(__file__).resolve().parents[1]
+LEUKEMIA = REPO / "taxonomy" / "leukemia.yaml"
+
+
+@pytest.fixture(scope="module")
+def taxonomy():
+    return load_taxonomy(LEUKEMIA)
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )
+
+
+def greedy_path(model, image) -> list[tuple[str, str]]:
+    probs = model.predict_proba(image)
+    leaf = probs.decode("greedy")[0]
+    steps = model.taxonomy.path(leaf)
+    return [(a, b) for a, b in zip(steps[:-1], steps[1:]) if len(model.taxonomy.children(a)) >= 2]
+
+
+def check_cams(cams: list[LevelCam], model, image, size: int) -> None:
+    assert [(c.decision, c.child) for c in cams] == greedy_path(model, image)
+    conditional = model.predict_proba(image).conditional[0]
+    for cam in cams:
+        assert cam.heatmap.shape == (size, size) and cam.heatmap.dtype == np.float32
+        assert np.isfinite(cam.heatmap).all()
+        assert cam.heatmap.min() >= 0.0 and cam.heatmap.max() <= 1.0
+        assert cam.probability == pytest.approx(conditional[model.taxonomy.index[cam.child]], abs=1e-5)
+        assert cam.depth == model.taxonomy.depth(cam.decision)
+
+
+def test_joint_resnet_one_cam_per_decision_and_model_left_as_it_was(taxonomy):
+    torch.manual_seed(0)
+    model = build_strategy("joint", taxonomy, backbone="resnet18")
+    network = model.training_units()[0].module
+    for p in network.backbone.layer1.parameters():
+        p.requires_grad_(False)  # a partly frozen model must stay partly frozen
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.train()
+    image = torch.randn(1, 3, 64, 64)
+    cams = gradcam_per_level(model, image)
+    assert model.training, "training mode must be restored"
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    assert all(p.grad is None for p in model.parameters()), "no parameter gradient may be accumulated"
+    assert hook_count(model) == 0
+    assert 1 <= len(cams) <= 3 and cams[0].decision == "root" and all(c.unit == "joint" for c in cams)
+    check_cams(cams, model.eval(), image, 64)
+    # consecutive decisions chain down the tree
+    for upper, lower in zip(cams, cams[1:]):
+        assert lower.decision == upper.child
+
+
+def test_vit_tokens_become_a_patch_grid(taxonomy):
+    torch.manual_seed(0)
+    model = build_strategy(
+        "joint", taxonomy, backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": 32, "patch_size": 8}
+    )
+    backbone = model.training_units()[0].module.backbone
+    assert backbone.is_token_model and backbone.num_prefix_tokens == 1
+    assert tuple(backbone.patch_embed.grid_size) == (4, 4), "backbone_kwargs must reach timm"
+    image = torch.randn(1, 3, 32, 32)
+    cams = gradcam_per_level(model, image)
+    check_cams(cams, model, image, 32)
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("strategy", ["per_node", "per_level", "flat"])
+def test_other_strategies_explain_every_decision(strategy, taxonomy):
+    torch.manual_seed(1)
+    model = build_strategy(strategy, taxonomy, backbone="test_resnet")
+    image = torch.randn(1, 3, 48, 48)
+    cams = gradcam_per_level(model, image)
+    check_cams(cams, model, image, 48)
+    units = [c.unit for c in cams]
+    if strategy == "per_node":
+        assert units == [f"node:{c.decision}" for c in cams]
+    elif strategy == "per_level":
+        assert units == [f"level:{c.depth + 1}" for c in cams]
+    else:
+        assert set(units) == {"flat"}
+    assert hook_count(model) == 0
+
+
+def test_target_explains_the_path_to_a_given_node(taxonomy):
+    model = build_strategy("joint", taxonomy, backbone="test_resnet")
+    cams = gradcam_per_level(model, torch.randn(1, 3, 32, 32), target="APL")  # an alias of APML
+    assert [(c.decision, c.child) for c in cams] == [("root", "Leukemia"), ("Leukemia", "Acute"), ("Acute", "APML")]
+    probs = model.predict_proba(torch.randn(1, 3, 32, 32))
+    assert decision_path(taxonomy, probs.conditional[0], "Normal") == [("root", "Normal")]
+
+
+# -- the map follows the evidence ------------------------------------------------------------
+
+
+class BrightnessNet(nn.Module):
+    """A fixed CNN whose features measure brightness: bright regions give large activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, kernel_size=3, padding=1)
+        nn.init.constant_(self.conv.weight, 0.1)
+        nn.init.constant_(self.conv.bias, 0.0)
+        self.act = nn.Sequential(self.conv, nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.act(x)).flatten(1)
+
+
+def brightness_backbone() -> nn.Module:
+    net = BrightnessNet()
+    return set_backbone_attributes(net, num_features=4, gradcam_layer=net.act)
+
+
+def blob_image(quadrant: tuple[int, int], size: int = 32, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(0.0, 0.05, (1, 3, size, size)).astype(np.float32)
+    half = size // 2
+    row, col = quadrant[0] * half, quadrant[1] * half
+    image[:, :, row + 4 : row + half - 4, col + 4 : col + half - 4] = 1.0
+    return torch.from_numpy(image)
+
+
+def test_heatmap_peaks_where_the_evidence_is(taxonomy):
+    model = build_strategy("joint", taxonomy, backbone=brightness_backbone)
+    with torch.no_grad():
+        for head in model.training_units()[0].module.heads:
+            head.fc.weight.fill_(-1.0)
+            head.fc.weight[0].fill_(1.0)  # first child: more brightness, more evidence
+            head.fc.bias.zero_()
+    maps = {}
+    for quadrant in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        cams = gradcam_per_level(model, blob_image(quadrant))
+        assert [c.child for c in cams] == ["Normal"]
+        heat = cams[0].heatmap
+        quarters = [heat[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16].mean() for r in (0, 1) for c in (0, 1)]
+        assert int(np.argmax(quarters)) == quadrant[0] * 2 + quadrant[1], (quadrant, quarters)
+        assert heat.max() == pytest.approx(1.0)
+        maps[quadrant] = heat
+    assert not np.allclose(maps[(0, 0)], maps[(1, 1)])
+
+
+def test_activation_layouts_agree():
+    rng = np.random.default_rng(3)
+    nchw = torch.from_numpy(rng.normal(size=(1, 6, 4, 4)).astype(np.float32))
+    grad = torch.from_numpy(rng.normal(size=(1, 6, 4, 4)).astype(np.float32))
+    nchw[0, :, 1, 2] = 5.0
+    grad[0] = 1.0
+    reference = activation_to_cam(nchw, grad, (16, 16))
+    assert np.unravel_index(reference.argmax(), reference.shape)[0] // 4 == 1
+    # channels-last map (Swin-style): found from the channel count
+    nhwc = activation_to_cam(nchw.permute(0, 2, 3, 1), grad.permute(0, 2, 3, 1), (16, 16), channels=(6,))
+    assert np.allclose(nhwc, reference, atol=1e-6)
+    # tokens: a class token in front of the 4x4 patch grid, dropped before reshaping
+    tokens = nchw.flatten(2).transpose(1, 2)
+    token_grad = grad.flatten(2).transpose(1, 2)
+    with_cls = torch.cat([torch.full((1, 1, 6), 100.0), tokens], dim=1)
+    with_cls_grad = torch.cat([torch.ones(1, 1, 6), token_grad], dim=1)
+    from_tokens = activation_to_cam(with_cls, with_cls_grad, (16, 16), num_prefix_tokens=1)
+    assert np.allclose(from_tokens, reference, atol=1e-6)
+    # a map with no positive evidence stays zero instead of dividing by zero
+    zero = activation_to_cam(-nchw.abs(), grad, (8, 8))
+    assert zero.shape == (8, 8) and not zero.any()
+
+
+# -- the picture ------------------------------------------------------------------------------
+
+
+def test_render_panel_writes_a_png_and_keeps_existing_files(taxonomy, tmp_path):
+    heat = np.zeros((32, 32), dtype=np.float32)
+    heat[:16, :16] = 1.0
+    cams = [
+        LevelCam("root", "Leukemia", 0.93, heat, 0, "joint"),
+        LevelCam("Leukemia", "Acute", 0.88, heat[::2, ::2].copy(), 1, "joint"),  # another size is resized
+    ]
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = render_panel(image, cams, tmp_path / "sub" / "panel.png", taxonomy, title="smear.png")
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        pixels = np.asarray(png.convert("RGB"))
+    assert pixels.shape[1] > 2 * pixels.shape[0], "input + two overlays side by side"
+    assert pixels.std() > 10
+    assert LevelCam("root", "Leukemia", 0.93, heat, 0, "joint").title(taxonomy) == "root: Leukemia 0.93"
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="exists"):
+        render_panel(image, cams, path, taxonomy)
+    assert path.read_bytes() == before
+    render_panel(image, cams[:1], path, taxonomy, overwrite=True)
+    assert path.read_bytes() != before
+    assert [p.name for p in path.parent.iterdir()] == ["panel.png"], "no temporary file left behind"
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("explain")
+    data = root / "data"
+    rng = np.random.default_rng(2)
+    for li, label in enumerate(("Normal", "Reactive", "AML", "CLL")):
+        (data / label).mkdir(parents=True)
+        for k in range(3):
+            pixels = np.clip(np.array([40.0 * li, 180 - 30 * li, 120]) + rng.normal(0, 15, (20, 20, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(data / label / f"slide{k}_{label}.png")
+    run = root / "run"
+    code = main([
+        "fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(run), "--backbone", "test_resnet",
+        "--img-size", "32", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--group-regex",
+        r"^(slide\d)_", "--val-fraction", "0.34", "--cache-dir", str(root / "cache"), "--no-progress",
+    ])
+    assert code == 0
+    return run, data
+
+
+def test_explain_command_writes_panels_and_skips_unreadable(trained_run, tmp_path, capsys):
+    run, data = trained_run
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "cams"
+    args = ["explain", "--run", str(run), "--images", str(data / "AML"), str(data / "CLL" / "slide0_CLL.png"),
+            str(bad), str(tmp_path / "missing.jpg"), "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["slide0_AML_gradcam.png", "slide0_CLL_gradcam.png", "slide1_AML_gradcam.png",
+                       "slide2_AML_gradcam.png"]
+    for name in written:
+        with Image.open(out / name) as png:
+            assert png.format == "PNG" and png.size[0] > png.size[1]
+    report = capsys.readouterr().out
+    assert "broken.png" in report and "missing.jpg" in report and "skipped 2" in report.replace("\n", " ")
+
+    before = (out / written[0]).stat().st_mtime_ns
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / written[0]).stat().st_mtime_ns == before
+    assert main([*args, "--overwrite", "--target", "CML"]) == 0
+    assert "Leukemia > Chronic > CML" in capsys.readouterr().out
+
+
+def test_explain_command_user_mistakes_exit_2_without_traceback(trained_run, tmp_path, capsys):
+    run, data = trained_run
+    image = str(data / "AML" / "slide0_AML.png")
+    cases = [
+        (["--run", str(tmp_path / "nope"), "--images", image], "run folder not found"),
+        (["--run", str(run), "--images", str(tmp_path / "none.png")], "no image to explain"),
+        (["--run", str(run), "--images", image, "--target", "Lymphoma"], "--target 'Lymphoma'"),
+    ]
+    for extra, message in cases:
+        assert main(["explain", *extra, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err.replace("\n", "") and "Traceback" not in err
+    (tmp_path / "file").write_text("x")
+    assert main(["explain", "--run", str(run), "--images", image, "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_repeated_image_names_get_distinct_panels():
+    from hiercls.cli.explain import panel_names
+
+    names = panel_names([Path("a/x.png"), Path("b/x.jpg"), Path("c/y.png"), Path("d/X.png")])
+    assert names == ["x_gradcam.png", "x_2_gradcam.png", "y_gradcam.png", "X_3_gradcam.png"]
