@@ -155,10 +155,39 @@ class CVConfig(BaseModel):
             value = value.get(backbone)
         return Path(value) if value else None
 
+    def strategy_options_for(self, strategy: str) -> dict[str, Any]:
+        """``fit.strategy_options`` for one strategy.
+
+        Keys named after a strategy hold that strategy's own options (``joint: {feed_parent: true}``);
+        the other keys apply to every strategy (``dropout: 0.1``).
+        """
+        from hiercls.strategies import strategy_options
+
+        value = self.fit.get("strategy_options") or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.source}: option 'fit.strategy_options': must be a mapping, got {value!r}")
+        shared = {k: v for k, v in value.items() if k not in STRATEGIES}
+        own = value.get(strategy) or {}
+        if not isinstance(own, dict):
+            raise ConfigError(f"{self.source}: option 'fit.strategy_options.{strategy}': must be a mapping of options")
+        options = {**shared, **own}
+        accepted = strategy_options(strategy)
+        unknown = [k for k in options if k not in accepted]
+        if unknown:
+            owners = [s for s in STRATEGIES if unknown[0] in strategy_options(s)]
+            hint = f"; put it under strategy_options.{owners[0]}" if owners else ""
+            raise ConfigError(
+                f"{self.source}: option 'fit.strategy_options': '{unknown[0]}' is not an option of {strategy} "
+                f"(accepted: {', '.join(accepted)}){hint}"
+            )
+        return options
+
     def fit_config(self, strategy: str, backbone: str, fold: int) -> FitConfig:
         """The ``FitConfig`` of one cell: the shared ``fit:`` options plus what the grid sets."""
         options = {k: v for k, v in self.fit.items() if k != "pretrained"}
         pretrained = self.pretrained_for(backbone)
+        if "strategy_options" in options:
+            options["strategy_options"] = self.strategy_options_for(strategy)
         options.update(
             taxonomy=self.taxonomy, data=self.data, out=cell_dir(self.out, strategy, backbone, fold),
             strategy=strategy, backbone=backbone, fold=fold, folds=self.folds, seed=self.seed,

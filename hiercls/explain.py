@@ -27,7 +27,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from torch import Tensor, nn
 
 from hiercls.errors import ConfigError
 from hiercls.taxonomy import Taxonomy
+
+if TYPE_CHECKING:
+    from hiercls.strategies.base import HierarchicalClassifier
 
 __all__ = ["LevelCam", "gradcam_per_level", "activation_to_cam", "render_panel", "decision_path"]
 
@@ -121,7 +124,7 @@ def activation_to_cam(
     if a.ndim == 3:
         a, g = _tokens_to_map(a, num_prefix_tokens, grid_size, size), _tokens_to_map(g, num_prefix_tokens, grid_size, size)
     elif a.ndim == 4:
-        if False:
+        if _is_channels_last(tuple(a.shape), set(channels), channels_last):
             a, g = a.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)
     else:
         raise ValueError(
@@ -257,7 +260,7 @@ class _BackboneCam:
 
 
 def gradcam_per_level(
-    model: nn.Module,
+    model: HierarchicalClassifier,
     image: Tensor,
     *,
     target: str | None = None,
@@ -426,18 +429,20 @@ def render_panel(
     axes = figure.subplots(1, panels, squeeze=False)[0]
     axes[0].imshow(image, interpolation="bilinear")
     axes[0].set_title("input", fontsize=10)
-    shown = None
     for axis, cam in zip(axes[1:], cams):
         heat = _fit_heatmap(cam.heatmap, (height, width))
         axis.imshow(image, interpolation="bilinear")
-        shown = axis.imshow(heat, cmap=colormap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
-        axis.set_title(textwrap.fill(cam.title(taxonomy), width=30), fontsize=10)
+        axis.imshow(heat, cmap=colormap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+        label = textwrap.fill(cam.title(taxonomy), width=30)
+        if not heat.any():
+            label += "\n(no positive evidence)"
+        axis.set_title(label, fontsize=10)
     for axis in axes:
         axis.set_xticks([])
         axis.set_yticks([])
     if title:
         figure.suptitle(title, fontsize=11)
-    if shown is not None:  # an opaque scale, not the see-through overlay colours
+    if cams:  # an opaque scale, not the see-through overlay colours
         scale = ScalarMappable(norm=Normalize(vmin=0.0, vmax=1.0), cmap=colormap)
         bar = figure.colorbar(scale, ax=list(axes), fraction=0.025, pad=0.02)
         bar.set_label("Grad-CAM (evidence for the chosen child)", fontsize=8)

@@ -46,6 +46,7 @@ def register(subparsers) -> None:
             "hiercls evaluate --predictions preds.csv --taxonomy T.yaml --out eval/ --group-by group --aggregator mean",
             "hiercls evaluate --predictions preds.csv --taxonomy T.yaml --out eval/ --decode threshold --threshold 0.7",
             "hiercls evaluate --run runs/joint --data test_manifest.csv --out runs/joint/eval --group-by group",
+            "hiercls evaluate --run runs/joint --split val --out runs/joint/eval-val   # the run's own validation images",
         ),
     )
     source = parser.add_argument_group("what to evaluate (give --predictions or --run)")
@@ -53,6 +54,11 @@ def register(subparsers) -> None:
     source.add_argument("--taxonomy", metavar="YAML", help="tree the predictions were made with (for --predictions)")
     source.add_argument("--run", metavar="RUN", help="trained run directory to predict with")
     source.add_argument("--data", metavar="PATH", help="images to predict with --run: class folders or a CSV manifest")
+    source.add_argument(
+        "--split", choices=("val", "train"),
+        help="with --run: evaluate on the run's own validation (or training) images, as saved in RUN/split.json; "
+        "--data defaults to the run's data",
+    )
     source.add_argument(
         "--checkpoint", choices=("best", "last"), default="best", help="checkpoint of --run (default best)"
     )
@@ -86,8 +92,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("give either --predictions CSV (with --taxonomy) or --run RUN (with --data), not both")
     if args.predictions and not args.taxonomy:
         raise ConfigError("--predictions needs --taxonomy: the tree the predictions were made with")
-    if args.run and not args.data:
-        raise ConfigError("--run needs --data: the labelled images to evaluate on")
+    if args.run and not args.data and not args.split:
+        raise ConfigError("--run needs --data (the labelled images to evaluate on) or --split val")
+    if args.split and not args.run:
+        raise ConfigError("--split goes with --run: it selects the run's own validation or training images")
     if args.predictions and (args.data or args.group_regex):
         raise ConfigError("--data and --group-regex go with --run; a predictions CSV names its images and groups")
     if not 0.0 <= args.threshold <= 1.0:
@@ -120,7 +128,11 @@ def _predict_with_run(args: argparse.Namespace, out: Path) -> tuple[Taxonomy, Pr
             raise ConfigError(
                 f"--taxonomy {args.taxonomy} is not the tree run {args.run} was trained on; leave --taxonomy out"
             )
-    table = load_images(args.data, taxonomy, group_regex=args.group_regex, require_labels=False)
+    data = args.data or loaded.config.data
+    group_regex = args.group_regex or (loaded.config.group_regex if not args.data else None)
+    table = load_images(data, taxonomy, group_regex=group_regex, require_labels=False)
+    if args.split:
+        table = _split_subset(table, Path(args.run), args.split)
     if args.group_by == "group" and not any(table.groups):
         raise DataError(
             f"--group-by group: no image of {args.data} has a group; give --group-regex or a manifest "
@@ -134,7 +146,27 @@ def _predict_with_run(args: argparse.Namespace, out: Path) -> tuple[Taxonomy, Pr
     labels, groups = list(table.labels), list(table.groups)
     csv_path = write_predictions_csv(out / "predictions.csv", probs, paths, labels, groups, predictions)
     console.print(f"wrote {csv_path}")
-    return taxonomy, PredictionSet(paths, labels, groups, predictions, probs, source=str(args.data))
+    return taxonomy, PredictionSet(paths, labels, groups, predictions, probs, source=str(data))
+
+
+def _split_subset(table, run_dir: Path, split: str):
+    """The images of ``table`` that the run used for ``split`` (from RUN/split.json)."""
+    import json
+
+    from hiercls.run import RunPaths
+
+    split_file = RunPaths(run_dir).split
+    try:
+        wanted = {str(Path(p).resolve()) for p in json.loads(split_file.read_text(encoding="utf-8"))[split]}
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{split_file}: cannot read the run's '{split}' split ({exc})") from None
+    keep = [i for i, p in enumerate(table.paths) if str(Path(p).resolve()) in wanted]
+    if not keep:
+        raise DataError(
+            f"none of the images of {table.source or table.root} are in the '{split}' split of {run_dir}; "
+            "did the data move? Give --data explicitly"
+        )
+    return table.subset(keep)
 
 
 def _group_values(preds: PredictionSet, column: str, from_run: bool) -> list[str | None]:
