@@ -3,7 +3,14 @@
 Images are decoded once into a uint8 cache; augmenting whole batches on the GPU (one
 affine grid for crop + flips + 90° rotations, then colour jitter) keeps the accelerator
 fed without CPU worker processes. Random parameters are drawn on the CPU from a
-``torch.Generator``, so a seed gives the same augmentations on any device.
+``torch.Generator``, so a seed gives the same augmentations on any device; they reach the
+device with non-blocking copies, and the normalisation constants are cached per device, so
+an augmented batch never makes the host wait for the GPU.
+
+Under data parallelism each process augments only its share of a global batch:
+``augment(shard, generator, rows=..., global_size=B)`` draws the parameters of the whole
+batch and applies those of ``rows``, so N processes together produce exactly what one
+process produces for the whole batch.
 """
 
 from __future__ import annotations
@@ -41,10 +48,27 @@ def normalize(
     return _standardize(x, mean, std, channels_last)
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a ``[1, C, 1, 1]`` tensor on ``like``'s device, copied there once."""
+    key = (tuple(values), like.device, like.dtype)
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        with torch.inference_mode(False):
+            tensor = torch.tensor(values, dtype=like.dtype).view(1, -1, 1, 1).to(like.device)
+        _CONSTANTS[key] = tensor
+    return tensor
+
+
+def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A small CPU tensor of random parameters moved to ``like``'s device without a sync."""
+    return t.to(device=like.device, dtype=like.dtype, non_blocking=True)
+
+
 def _standardize(x: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    x = (x - m) / s
+    x = (x - _constant(tuple(mean), x)) / _constant(tuple(std), x)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
@@ -67,16 +91,28 @@ class BatchAugment:
         self.std = tuple(std)
         self.channels_last = channels_last
 
-    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        batch: torch.Tensor,
+        generator: torch.Generator | None = None,
+        rows: torch.Tensor | None = None,
+        global_size: int | None = None,
+    ) -> torch.Tensor:
+        """Augment ``batch``; with ``rows`` it is those rows of a batch of ``global_size`` images."""
         x = to_float_nchw(batch)
         b, _, h, w = x.shape
-        theta = self._affine(b, square=(h == w), generator=generator)
-        if not torch.equal(theta, _identity(b)):
-            theta = theta.to(device=x.device, dtype=x.dtype)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        drawn = b if rows is None else int(global_size)
+        theta = self._affine(drawn, square=(h == w), generator=generator)
+        identity = torch.equal(theta, _identity(drawn))
+        jitter = self._jitter_factors(drawn, generator) if self.config.color_jitter > 0 else None
+        if rows is not None:
+            theta = theta[rows]
+            jitter = None if jitter is None else jitter[:, rows]
+        if not identity:
+            grid = F.affine_grid(_to(theta, x), list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        if self.config.color_jitter > 0:
-            x = self._jitter(x, generator)
+        if jitter is not None:
+            x = self._jitter(x, _to(jitter, x))
         return _standardize(x, self.mean, self.std, self.channels_last)
 
     # -- geometry ------------------------------------------------------------------------
@@ -116,15 +152,15 @@ class BatchAugment:
 
     # -- colour --------------------------------------------------------------------------
 
-    def _jitter(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _jitter_factors(self, b: int, generator: torch.Generator | None) -> torch.Tensor:
+        """``[3, B]`` brightness, contrast and saturation factors in [1 - s, 1 + s]."""
         s = self.config.color_jitter
+        return torch.stack([1 + s * (2 * torch.rand(b, generator=generator) - 1) for _ in range(3)])
+
+    def _jitter(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-
-        def factor() -> torch.Tensor:
-            return (1 + s * (2 * torch.rand(b, generator=generator) - 1)).to(x.device).view(b, 1, 1, 1)
-
-        brightness, contrast, saturation = factor(), factor(), factor()
-        weights = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        brightness, contrast, saturation = (f.view(b, 1, 1, 1) for f in factors)
+        weights = _constant(_GRAY, x)
         x = x * brightness
         gray = (x * weights).sum(1, keepdim=True)
         x = (x - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)

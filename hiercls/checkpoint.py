@@ -1,23 +1,27 @@
-"""Atomic file writes and model checkpoints (safetensors weights + JSON metadata).
+"""Model checkpoints (safetensors weights + JSON metadata) and the training state for --resume.
 
-Every file of a run directory goes through ``atomic_write_*``: the content is written to a
-temporary file in the same folder and moved into place with ``os.replace``, so a crash or
-Ctrl-C mid-write leaves either the old file or the new one, never a truncated one.
+Every file goes through the atomic writers of ``hiercls.io`` (re-exported here so older
+imports keep working): a crash or Ctrl-C mid-write leaves either the old file or the new
+one, never a truncated one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from hiercls.errors import CheckpointError
+from hiercls.io import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 __all__ = [
     "atomic_write",
@@ -31,38 +35,6 @@ __all__ = [
     "save_training_state",
     "load_training_state",
 ]
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data), "wb")
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text), "w")
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # -- model weights ------------------------------------------------------------------------

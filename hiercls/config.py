@@ -87,6 +87,8 @@ class FitConfig(BaseModel):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
+    # CUDA only: turn off cuDNN autotuning and TF32 matmuls for bit-stable reruns (slower).
+    deterministic: bool = False
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     group_regex: str | None = None
     exclude: list[str] = Field(default_factory=list)
@@ -135,7 +137,7 @@ class FitConfig(BaseModel):
         data = self.model_dump(mode="json", exclude_none=True)
         text = yaml.safe_dump(data, sort_keys=False)
         if path is not None:
-            from hiercls.checkpoint import atomic_write_text
+            from hiercls.io import atomic_write_text
 
             atomic_write_text(path, text)
         return text

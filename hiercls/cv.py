@@ -292,9 +292,17 @@ def load_cv_config(path: str | Path | None, overrides: dict[str, Any] | None = N
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, file, given)) from None
     config._source = str(file) if file is not None else "cv config"
+    from_command_line = [k for k in (given.get("fit") or {}) if isinstance(given.get("fit"), dict)]
     for strategy in config.strategies:
         for backbone in config.backbones:
-            config.fit_config(strategy, backbone, 0)
+            try:
+                config.fit_config(strategy, backbone, 0)
+            except ConfigError as exc:
+                for key in from_command_line:
+                    prefix = f"{config.source}: option 'fit.{key}'"
+                    if str(exc).startswith(prefix):
+                        raise ConfigError(f"command-line option --{key.replace('_', '-')}" + str(exc)[len(prefix):]) from None
+                raise
     return config
 
 
@@ -417,6 +425,9 @@ def _cell_state(run_dir: Path) -> Literal["done", "resume", "restart", "new"]:
         return "resume"
     if paths.is_run():
         return "restart"
+    # A run that failed before writing its config (e.g. too few groups) leaves an empty checkpoints folder.
+    if paths.checkpoints.is_dir() and not any(paths.checkpoints.iterdir()):
+        paths.checkpoints.rmdir()
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise ConfigError(
             f"{run_dir}: cell folder holds files that hiercls did not make (no config.yaml); move them away "
@@ -746,6 +757,12 @@ def _fmt_mean_std(mean: float | None, std: float | None, n: int, total: int) -> 
     return text + (f" ({n}/{total} folds)" if n < total else "")
 
 
+def _split_kind(tables: dict[str, Any]) -> str:
+    if "groups" in tables["table2"]:
+        return "grouped "
+    return "(no groups: split image by image) " if tables["finished_cells"] else ""
+
+
 def render_tables_markdown(tables: dict[str, Any]) -> str:
     """The tables as a markdown document (what ``OUT/tables.md`` holds)."""
     s = tables["settings"]
@@ -755,7 +772,7 @@ def render_tables_markdown(tables: dict[str, Any]) -> str:
         "",
         f"- taxonomy: `{s['taxonomy']}`" + (f", without {', '.join(s['exclude'])}" if s["exclude"] else ""),
         f"- data: `{s['data']}`" + (f", groups from `{s['group_regex']}`" if s["group_regex"] else ""),
-        f"- {folds}-fold grouped cross-validation (seed {s['seed']}), the same split for every model;"
+        f"- {folds}-fold " + _split_kind(tables) + f"cross-validation (seed {s['seed']}), the same split for every model;"
         f" scored with the **{s['checkpoint']}** checkpoint",
         f"- fit options: " + (", ".join(f"{k}={v}" for k, v in s["fit"].items()) or "defaults"),
         f"- finished cells: {tables['finished_cells']} of {tables['total_cells']}",

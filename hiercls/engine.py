@@ -9,30 +9,47 @@ Data are decoded once into a uint8 cache and kept as one tensor (on the GPU when
 augmentation runs on the device. Every random choice comes from generators seeded by
 (seed, epoch, unit), and their state is saved with the checkpoint, so an interrupted run
 resumed with ``--resume`` ends exactly where an uninterrupted one would (on the CPU).
+
+The loop never makes the host wait for the GPU inside a step: batch indices live on the
+images' device, losses are accumulated on the device, and their finiteness (and the Ctrl-C
+flag under several processes) is checked every ``CHECK_EVERY`` steps, at the end of every
+unit's epoch and always before a checkpoint is written, so a non-finite model is never saved.
+
+Started by ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs data-parallel: each unit's
+module is wrapped in ``DistributedDataParallel``, every process takes a disjoint share of
+each global batch of the same seeded order (what ``DistributedSampler`` does), and only
+rank 0 writes files, validates and shows progress.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 import hiercls
 from hiercls.augment import BatchAugment
 from hiercls.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
     load_training_state,
     load_weights,
     save_checkpoint,
@@ -48,11 +65,16 @@ from hiercls.inference import (
     resolve_device,
     use_channels_last,
 )
+from hiercls.io import atomic_write_json, atomic_write_text
 from hiercls.probabilities import NodeProbabilities
 from hiercls.run import RunPaths, prepare_run_dir
 from hiercls.taxonomy import Taxonomy, load_taxonomy
 
-__all__ = ["fit", "RunResult", "TrainingError", "validation_metrics"]
+__all__ = ["fit", "RunResult", "TrainingError", "validation_metrics", "CHECK_EVERY"]
+
+#: Steps between host-device synchronisations (loss finiteness, progress numbers, Ctrl-C
+#: agreement between processes). Each unit's epoch also ends with one.
+CHECK_EVERY = 25
 
 
 class TrainingError(HierclsError):
@@ -139,12 +161,22 @@ def _images_on_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _optimizer(config: FitConfig, params) -> torch.optim.Optimizer:
+    """The configured optimizer; on CUDA the fused (Adam/AdamW) or foreach (SGD) kernels."""
     params = [p for p in params if p.requires_grad]
+    cuda = bool(params) and all(p.is_cuda for p in params)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        extra = {"foreach": True} if cuda else {}
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **extra)
+    extra = {"fused": True} if cuda and _fused_available() else ({"foreach": True} if cuda else {})
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **extra)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **extra)
+
+
+def _fused_available() -> bool:
+    import inspect
+
+    return "fused" in inspect.signature(torch.optim.AdamW).parameters
 
 
 def _scheduler(config: FitConfig, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -162,10 +194,13 @@ def _scheduler(config: FitConfig, optimizer, steps_per_epoch: int) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _batches(n: int, batch_size: int) -> int:
-    """Number of batches per epoch; a trailing batch of one image is dropped (BatchNorm needs 2)."""
+def _batches(n: int, batch_size: int, min_last: int = 2) -> int:
+    """Number of batches per epoch; a trailing batch smaller than ``min_last`` is dropped.
+
+    One process needs 2 images (BatchNorm); N processes need 2 each (``min_last = 2 N``).
+    """
     full, rest = divmod(n, batch_size)
-    return full + (1 if rest > 1 else 0)
+    return full + (1 if rest >= min_last else 0)
 
 
 def _epoch_seed(seed: int, epoch: int, unit: int) -> int:
@@ -181,6 +216,105 @@ class _Unit:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps_per_epoch: int
+
+
+# -- processes and devices ----------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    """Where this process stands in a ``torchrun`` job (world 1: a plain single process)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    owned: bool = False  # this fit() started the process group and ends it
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def close(self) -> None:
+        if self.owned and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _init_distributed(config: FitConfig) -> _Dist:
+    """Join the process group that ``torchrun`` describes in WORLD_SIZE / RANK / LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return _Dist()
+    if config.batch_size % world:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is the global batch and must divide evenly over the {world} "
+            f"processes; use a multiple of {world} (e.g. {config.batch_size - config.batch_size % world or world})"
+        )
+    if not torch.distributed.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed; run hiercls fit as a single process")
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    owned = False
+    if not torch.distributed.is_initialized():
+        cuda = config.device != "cpu" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+        owned = True
+    return _Dist(world, rank, local_rank, owned)
+
+
+def _process_device(config: FitConfig, dist: _Dist) -> torch.device:
+    """``config.device``; under torchrun, CUDA device ``LOCAL_RANK`` of this machine."""
+    device = resolve_device(config.device)
+    if dist.active and device.type == "cuda":
+        if dist.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"process {dist.rank} has LOCAL_RANK {dist.local_rank} but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s); use --nproc-per-node {torch.cuda.device_count()} or less"
+            )
+        device = torch.device("cuda", dist.local_rank)
+    return device
+
+
+def _configure_backends(device: torch.device, deterministic: bool) -> None:
+    """cuDNN autotuning and TF32 matmuls on CUDA, unless bit-stable reruns are asked for."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+def _wrap(module: torch.nn.Module, config: FitConfig, dist: _Dist, device: torch.device):
+    """The callable a unit trains through: DDP across processes, then ``torch.compile``.
+
+    The module itself stays unwrapped inside the model, so validation and checkpoints see
+    plain parameter names; the loss is computed outside the wrapper.
+    """
+    forward = module
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+        )
+    if config.compile:
+        forward = torch.compile(forward)
+    return forward
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -286,13 +420,31 @@ def fit(
 
     ``resume`` continues the run in ``config.out`` from its last checkpoint; ``overwrite``
     replaces a previous hiercls run there. ``on_step(epoch, unit_name, step)`` is called
-    after every optimizer step (for progress hooks and tests).
+    after every optimizer step (for progress hooks, benchmarks and tests). Under
+    ``torchrun`` every process calls ``fit``; rank 0 writes the run and its result is the
+    one to read (the others receive the same best epoch and metrics).
     """
-    console = console or Console(stderr=True)
     config = _absolute_paths(config)
-    paths = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
+    dist = _init_distributed(config)
+    try:
+        return _fit(config, console, dist, resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
+    finally:
+        dist.close()
+
+
+def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: bool, overwrite: bool,
+         progress: bool, on_step: Callable[[int, str, int], None] | None) -> RunResult:
+    console = console or Console(stderr=True)
+    if not dist.main:
+        console, progress = Console(stderr=True, quiet=True), False
+    if dist.main:
+        paths = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
+    dist.barrier()
+    if not dist.main:
+        paths = RunPaths(Path(config.out))
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
+    device = _process_device(config, dist)
+    _configure_backends(device, config.deterministic)
     prepared = _prepare_data(config)
     taxonomy, table = prepared.taxonomy, prepared.table
     split = _split_record(table, prepared.train_idx, prepared.val_idx)
@@ -303,10 +455,11 @@ def fit(
                 f"{paths.split}: the images or split differ from when the run started; "
                 "resume with the same data, or start a new run"
             )
-    else:
+    elif dist.main:
         atomic_write_text(paths.taxonomy, taxonomy.to_yaml())
         atomic_write_json(paths.split, split)
-    atomic_write_text(paths.config, config.to_yaml())  # on resume: records a changed --epochs
+    if dist.main:
+        atomic_write_text(paths.config, config.to_yaml())  # on resume: records a changed --epochs
 
     label_idx = table.label_indices(taxonomy)
     train_labels = label_idx[prepared.train_idx]
@@ -320,9 +473,9 @@ def fit(
     units: list[_Unit] = []
     for unit in model.training_units():
         indices = np.where(unit.sample_mask(train_labels))[0]
-        steps = _batches(len(indices), config.batch_size)
+        steps = _batches(len(indices), config.batch_size, min_last=2 * dist.world)
         optimizer = _optimizer(config, unit.module.parameters())
-        forward = torch.compile(unit.module) if config.compile else unit.module
+        forward = _wrap(unit.module, config, dist, device)
         units.append(_Unit(unit.name, unit, forward, indices, optimizer, _scheduler(config, optimizer, steps), steps))
 
     start_epoch, best_metric, best_epoch, position = 0, None, None, None
@@ -334,10 +487,15 @@ def fit(
                 "cannot go back (use --epochs larger than that to train longer)"
             )
 
-    _print_summary(console, config, prepared, units, device, start_epoch)
+    _print_summary(console, config, prepared, units, device, start_epoch, dist)
+    if not dist.main:
+        dist.barrier()  # rank 0 decodes the images into the cache first; the others then read it
     all_images = _load_cache(config, list(table.paths), progress)
+    if dist.main:
+        dist.barrier()
     train_images = _images_on_device(all_images[prepared.train_idx], device)
-    val_images = all_images[prepared.val_idx] if len(prepared.val_idx) else None
+    val_images = all_images[prepared.val_idx] if len(prepared.val_idx) and dist.main else None
+    has_val = len(prepared.val_idx) > 0
     train_targets = torch.from_numpy(train_labels.astype(np.int64))
     if train_images.device.type == "cuda":
         train_targets = train_targets.to(device)
@@ -371,7 +529,10 @@ def fit(
     generator = torch.Generator()
     running: dict[str, list[float]] = {}
 
-    def save_last(epoch: int, metrics: dict[str, Any], next_position: dict[str, int], partial: bool = False) -> None:
+    def save_last(epoch: int, metrics: dict[str, Any], next_position: dict[str, int], partial: bool = False,
+                  step_losses: torch.Tensor | None = None) -> None:
+        if not dist.main:
+            return
         save_checkpoint(paths.checkpoints, "last", model, metadata(epoch, metrics, partial))
         save_training_state(paths.state, {
             "position": next_position,
@@ -381,6 +542,8 @@ def fit(
             "torch_rng": torch.get_rng_state(),
             "generator": generator.get_state(),
             "running": running,
+            "step_losses": None if step_losses is None else step_losses.detach().cpu(),
+            "world_size": dist.world,
         })
 
     flag = _StopFlag()
@@ -399,35 +562,54 @@ def fit(
                 generator.manual_seed(seed)
                 torch.manual_seed(seed)
                 order = torch.from_numpy(u.indices)[torch.randperm(len(u.indices), generator=generator)]
+                order = order.to(train_images.device, non_blocking=True)
+                step_losses = torch.zeros(max(1, u.steps_per_epoch), dtype=torch.float64, device=device)
                 skip = 0
                 if position and ui == first_unit:
                     skip = position["step"]
                     generator.set_state(position["generator"])
                     torch.set_rng_state(position["torch_rng"])
+                    if position.get("step_losses") is not None:
+                        step_losses.copy_(position["step_losses"].to(torch.float64))
                 position = None
-                sums = running.setdefault(u.name, [0.0, 0])
+                sizes = [min(config.batch_size, len(u.indices) - s * config.batch_size) for s in range(u.steps_per_epoch)]
                 model.train()
-                seen, unit_t0 = 0, time.perf_counter()
+                unit_t0, timed_from, total = time.perf_counter(), skip, None
                 with _progress(console, progress, f"epoch {epoch + 1}/{config.epochs} {u.name}", u.steps_per_epoch) as (bar, task):
                     bar.advance(task, skip)
                     for step in range(skip, u.steps_per_epoch):
-                        batch_idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-                        loss, _parts = _train_step(u, train_images, train_targets, batch_idx, augment, generator, device, config, epoch)
-                        sums[0] += float(loss) * len(batch_idx)
-                        sums[1] += len(batch_idx)
-                        seen += len(batch_idx)
-                        rate = seen / max(1e-9, time.perf_counter() - unit_t0)
-                        bar.update(task, advance=1, loss=f"{sums[0] / sums[1]:.4f}", rate=f"{rate:.0f}")
+                        start = step * config.batch_size
+                        global_idx = order[start : start + sizes[step]]
+                        rows = _shard_rows(sizes[step], dist)
+                        batch_idx = global_idx if rows is None else global_idx[rows.to(global_idx.device, non_blocking=True)]
+                        loss = _train_step(u, train_images, train_targets, batch_idx, augment, generator, device,
+                                           config, rows, sizes[step])
+                        step_losses[step] = loss * sizes[step]
+                        bar.advance(task, 1)
                         if on_step is not None:
                             on_step(epoch, u.name, step)
-                        if flag.requested:
-                            save_last(epoch, last_metrics, {"epoch": epoch, "unit": ui, "step": step + 1}, partial=True)
+                        last = step == u.steps_per_epoch - 1
+                        stop = flag.requested
+                        if last or (step + 1 - skip) % CHECK_EVERY == 0 or (stop and not dist.active):
+                            total, stop = _check(step_losses, step, flag, dist, epoch, u.name, config)
+                            done = sum(sizes[timed_from : step + 1])
+                            rate = done / max(1e-9, time.perf_counter() - unit_t0)
+                            bar.update(task, loss=f"{total / max(1, sum(sizes[: step + 1])):.4f}", rate=f"{rate:.0f}")
+                        elif dist.active:
+                            stop = False  # processes agree on stopping only at a check
+                        if stop:
+                            save_last(epoch, last_metrics, {"epoch": epoch, "unit": ui, "step": step + 1}, partial=True,
+                                      step_losses=step_losses)
+                            dist.barrier()
                             console.print(
                                 f"[yellow]interrupted[/] at epoch {epoch + 1}, {u.name} step {step + 1}; the state is "
                                 f"saved. Continue with: hiercls fit --out {paths.root} --resume"
                             )
                             return RunResult(paths.root, epoch, best_epoch, config.best_metric, best_metric, last_metrics, True)
-                images_seen += seen
+                if total is None and u.steps_per_epoch:  # resumed after the unit's last step
+                    total, _ = _check(step_losses, u.steps_per_epoch - 1, _StopFlag(), dist, epoch, u.name, config)
+                running[u.name] = [float(total), sum(sizes)] if u.steps_per_epoch else [0.0, 0]
+                images_seen += sum(sizes[skip:])
             seconds = time.perf_counter() - t0
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
@@ -438,22 +620,53 @@ def fit(
             }
             if val_images is not None:
                 cond = _guard_oom(lambda: predict_conditionals(
-                    model, val_images, batch_size=config.batch_size, device=device, precision=config.precision,
+                    model, val_images, batch_size=2 * config.batch_size, device=device, precision=config.precision,
                     channels_last=channels_last, progress=progress, description="validating", console=console,
                 ), config)
                 probs = NodeProbabilities.from_conditionals(taxonomy, cond)
                 record.update(validation_metrics(taxonomy, probs, val_true, config.decode, config.threshold))
             last_metrics = record
-            _append_metrics(paths, record)
-            value = record.get(config.best_metric)
-            improved = val_images is None or (value is not None and _is_better(config.best_metric, value, best_metric))
-            if improved:
-                best_metric, best_epoch = value, epoch + 1
-            save_last(epoch + 1, record, {"epoch": epoch + 1, "unit": 0, "step": 0})
-            if improved:
-                save_checkpoint(paths.checkpoints, "best", model, metadata(epoch + 1, record))
-            _print_epoch(console, record, config.best_metric, improved and val_images is not None)
+            if dist.main:
+                _append_metrics(paths, record)
+                value = record.get(config.best_metric)
+                improved = not has_val or (value is not None and _is_better(config.best_metric, value, best_metric))
+                if improved:
+                    best_metric, best_epoch = value, epoch + 1
+                save_last(epoch + 1, record, {"epoch": epoch + 1, "unit": 0, "step": 0})
+                if improved:
+                    save_checkpoint(paths.checkpoints, "best", model, metadata(epoch + 1, record))
+                _print_epoch(console, record, config.best_metric, improved and has_val)
+            dist.barrier()  # the others wait for validation and checkpoints
+    if dist.active:
+        shared = [best_epoch, best_metric, last_metrics]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        best_epoch, best_metric, last_metrics = shared
     return RunResult(paths.root, config.epochs, best_epoch, config.best_metric, best_metric, last_metrics, False)
+
+
+def _shard_rows(size: int, dist: _Dist) -> torch.Tensor | None:
+    """This process's rows of a global batch of ``size`` images (every ``world``-th, from ``rank``)."""
+    if not dist.active:
+        return None
+    return torch.arange(dist.rank, size, dist.world)
+
+
+def _check(step_losses: torch.Tensor, step: int, flag: _StopFlag, dist: _Dist, epoch: int, unit: str,
+           config: FitConfig) -> tuple[float, bool]:
+    """The one host-device sync of a stretch of steps: summed loss so far, stop agreement.
+
+    Raises ``TrainingError`` when a loss of the stretch was not finite (on every process at once).
+    """
+    packed = torch.stack([step_losses[: step + 1].sum(), step_losses.new_tensor(float(flag.requested))])
+    packed = dist.all_sum(packed)
+    total, stop = packed.tolist()
+    total /= dist.world
+    if not math.isfinite(total):
+        raise TrainingError(
+            f"loss became {total} at epoch {epoch + 1} in unit '{unit}'; training stopped and the "
+            f"last good checkpoint is kept. Try a lower --lr (now {config.lr:g}) or --precision fp32"
+        )
+    return total, stop > 0
 
 
 def _absolute_paths(config: FitConfig) -> FitConfig:
@@ -478,27 +691,16 @@ def _append_metrics(paths: RunPaths, record: dict[str, Any]) -> None:
     atomic_write_text(paths.metrics, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def _train_step(u: _Unit, images, targets, batch_idx, augment, generator, device, config: FitConfig, epoch: int):
-    """One optimizer step of one unit; returns the (detached) loss and per-head parts."""
-    if images.device.type == "cuda":
-        batch = images[batch_idx.to(images.device)]
-        labels = targets[batch_idx.to(images.device)]
-    else:
-        batch = images[batch_idx]
-        if images.is_pinned():
-            batch = batch.pin_memory()
-        batch = batch.to(device, non_blocking=True)
-        labels = targets[batch_idx].to(device, non_blocking=True)
+def _train_step(u: _Unit, images: torch.Tensor, targets: torch.Tensor, batch_idx: torch.Tensor, augment: BatchAugment,
+                generator: torch.Generator, device: torch.device, config: FitConfig,
+                rows: torch.Tensor | None = None, global_size: int | None = None) -> torch.Tensor:
+    """One optimizer step of one unit; returns the detached loss, left on the device (no sync)."""
+    batch, labels = _gather(images, targets, batch_idx, device)
     try:
-        x = augment(batch, generator)
+        x = augment(batch, generator, rows=rows, global_size=global_size)
         with autocast_context(device, config.precision):
             outputs = u.forward(x)
-            loss, parts = u.unit.compute_loss(outputs, labels)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss became {float(loss.detach())} at epoch {epoch + 1} in unit '{u.name}'; training stopped and the "
-                f"last good checkpoint is kept. Try a lower --lr (now {config.lr:g}) or --precision fp32"
-            )
+            loss, _parts = u.unit.compute_loss(outputs, labels)
         u.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         u.optimizer.step()
@@ -508,7 +710,21 @@ def _train_step(u: _Unit, images, targets, batch_idx, augment, generator, device
             f"out of GPU memory at batch size {config.batch_size} ({u.name}); try --batch-size "
             f"{max(1, config.batch_size // 2)} or a smaller --img-size"
         ) from None
-    return loss.detach(), parts
+    return loss.detach().to(torch.float64)
+
+
+def _gather(images: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor, device: torch.device):
+    """The uint8 images and labels of ``idx`` on ``device``.
+
+    Resident images are indexed where they are; pinned host images are gathered straight
+    into a pinned staging buffer and copied without blocking the host.
+    """
+    if images.device.type == "cuda" or device.type == "cpu":
+        return images[idx], targets[idx]
+    idx = idx.cpu()
+    staged = torch.empty((len(idx), *images.shape[1:]), dtype=images.dtype, pin_memory=images.is_pinned())
+    torch.index_select(images, 0, idx, out=staged)
+    return staged.to(device, non_blocking=True), targets[idx].to(device, non_blocking=True)
 
 
 def _guard_oom(call: Callable, config: FitConfig):
@@ -533,7 +749,8 @@ def _restore(paths: RunPaths, model, units: list[_Unit]):
         u.scheduler.load_state_dict(saved["scheduler"])
     position = dict(state["position"])
     if position.get("step", 0) or position.get("unit", 0):
-        position.update(generator=state["generator"], torch_rng=state["torch_rng"], running=state.get("running", {}))
+        position.update(generator=state["generator"], torch_rng=state["torch_rng"], running=state.get("running", {}),
+                        step_losses=state.get("step_losses"))
     else:
         torch.set_rng_state(state["torch_rng"])
         position = None
@@ -560,7 +777,8 @@ def _progress(console: Console, enabled: bool, description: str, total: int):
         yield bar, task
 
 
-def _print_summary(console: Console, config: FitConfig, prepared: _Prepared, units: list[_Unit], device, start_epoch: int) -> None:
+def _print_summary(console: Console, config: FitConfig, prepared: _Prepared, units: list[_Unit], device, start_epoch: int,
+                   dist: _Dist | None = None) -> None:
     table = Table(title=f"hiercls fit -> {config.out}", show_header=False, box=None)
     n_train, n_val = len(prepared.train_idx), len(prepared.val_idx)
     groups = prepared.table.groups
@@ -575,6 +793,9 @@ def _print_summary(console: Console, config: FitConfig, prepared: _Prepared, uni
     table.add_row("backbone", f"{config.backbone} @ {config.img_size}px" + (f", weights {config.pretrained}" if config.pretrained else ", random init"))
     table.add_row("optimiser", f"{config.optimizer} lr {config.lr:g}, {config.scheduler} schedule, batch {config.batch_size}")
     table.add_row("device", f"{device}" + (f", resuming at epoch {start_epoch + 1}" if start_epoch else ""))
+    if dist is not None and dist.active:
+        table.add_row("processes", f"{dist.world} (DistributedDataParallel; {config.batch_size // dist.world} images "
+                      f"per process and step, global batch {config.batch_size})")
     console.print(table)
     for u in units:
         if u.steps_per_epoch == 0:

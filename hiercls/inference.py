@@ -9,6 +9,7 @@ batches and returns ``NodeProbabilities``, the object every downstream step take
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ import numpy as np
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from hiercls.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from hiercls.checkpoint import load_weights, read_metadata
@@ -96,30 +103,85 @@ def predict_conditionals(
     progress: bool = True,
     description: str = "predicting",
     console: Console | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """P(node | parent) ``[N, num_nodes]`` (float64) for uint8 NHWC ``images``, in eval mode."""
+    """P(node | parent) ``[N, num_nodes]`` (float64) for uint8 NHWC ``images``, in eval mode.
+
+    On CUDA the next batch is copied from pinned host memory on a side stream while the
+    current one is computed, and the results stay on the GPU until the end: the host never
+    waits for the GPU between batches. ``forward`` replaces ``model.node_conditionals``
+    (e.g. a compiled version of it).
+    """
     mean, std = normalization_stats(model)
+    forward = forward or model.node_conditionals
     n = len(images)
-    out = np.empty((n, model.taxonomy.num_nodes), dtype=np.float64)
     was_training = model.training
     model.eval()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     bar = Progress(*columns, console=console, transient=True, disable=not progress)
     try:
         with bar, torch.inference_mode():
+            out = torch.empty((n, model.taxonomy.num_nodes), dtype=torch.float32, device=device)
             task = bar.add_task(description, total=n)
-            for start in range(0, n, batch_size):
-                chunk = images[start : start + batch_size]
-                batch = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.array(chunk))
-                batch = batch.to(device, non_blocking=True)
+            for start, batch in _device_batches(images, batch_size, device):
                 x = normalize(batch, mean, std, channels_last)
                 with autocast_context(device, precision):
-                    cond = model.node_conditionals(x)
-                out[start : start + len(batch)] = cond.float().cpu().numpy()
+                    cond = forward(x)
+                out[start : start + len(batch)] = cond.float()
                 bar.advance(task, len(batch))
+            result = out.cpu().numpy().astype(np.float64)
     finally:
         model.train(was_training)
-    return out
+    return result
+
+
+def _device_batches(images: np.ndarray | torch.Tensor, batch_size: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, uint8 batch on device)`` for consecutive batches of ``images``.
+
+    Images already on ``device`` are sliced in place. On CUDA, host images go through two
+    pinned buffers and a copy stream, so copying batch k+1 overlaps computing batch k.
+    """
+    n = len(images)
+    if isinstance(images, torch.Tensor) and images.device.type == device.type and images.device.type != "cpu":
+        for start in range(0, n, batch_size):
+            yield start, images[start : start + batch_size]
+        return
+    if device.type != "cuda":
+        for start in range(0, n, batch_size):
+            chunk = images[start : start + batch_size]
+            batch = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.array(chunk))
+            yield start, batch.to(device)
+        return
+    stream = torch.cuda.Stream(device)
+    shape = (min(batch_size, n), *images.shape[1:])
+    pinned = [torch.empty(shape, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    copied: list[torch.cuda.Event | None] = [None, None]
+
+    def stage(k: int, start: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+        if copied[k] is not None:
+            copied[k].synchronize()  # the copy of two batches ago has left this buffer
+        chunk = images[start : start + batch_size]
+        host = pinned[k][: len(chunk)]
+        if isinstance(chunk, torch.Tensor):
+            host.copy_(chunk)
+        else:
+            host.numpy()[...] = chunk  # one copy, straight from the (memory-mapped) cache
+        with torch.cuda.stream(stream):
+            on_device = host.to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        copied[k] = event
+        return on_device, event
+
+    starts = list(range(0, n, batch_size))
+    pending = stage(0, 0) if starts else None
+    for i, start in enumerate(starts):
+        batch, event = pending
+        if i + 1 < len(starts):
+            pending = stage((i + 1) % 2, starts[i + 1])
+        torch.cuda.current_stream(device).wait_event(event)
+        batch.record_stream(torch.cuda.current_stream(device))
+        yield start, batch
 
 
 # -- loading a run -----------------------------------------------------------------------
@@ -219,12 +281,20 @@ def predict_table(
     device: str = "auto",
     progress: bool = True,
     console: Console | None = None,
+    compile: bool = False,
 ) -> NodeProbabilities:
-    """Node probabilities for every image of ``table`` (an ``ImageTable``), in table order."""
+    """Node probabilities for every image of ``table`` (an ``ImageTable``), in table order.
+
+    ``batch_size`` defaults to twice the training batch (no gradients are kept);
+    ``compile`` runs the model through ``torch.compile`` (pays off for many images on a GPU).
+    """
     from hiercls.data import ImageCache
 
     config = loaded_run.config
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = not config.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not config.deterministic
     model = loaded_run.model.to(dev)
     channels_last = use_channels_last(config.channels_last, dev)
     if channels_last:
@@ -233,12 +303,13 @@ def predict_table(
     conditional = predict_conditionals(
         model,
         images,
-        batch_size=batch_size or config.batch_size,
+        batch_size=batch_size or 2 * config.batch_size,
         device=dev,
         precision=config.precision,
         channels_last=channels_last,
         progress=progress,
         console=console,
+        forward=torch.compile(model.node_conditionals) if compile else None,
     )
     return NodeProbabilities.from_conditionals(loaded_run.taxonomy, conditional)
 

@@ -32,15 +32,32 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hiercls.errors import DataError, TaxonomyError
 
-__all__ = ["Taxonomy", "TaxonomyWarning", "load_taxonomy", "NodeSpec", "TaxonomySpec"]
+__all__ = ["NodeSpec", "Taxonomy", "TaxonomySpec", "TaxonomyWarning", "UnknownNodeError", "load_taxonomy"]
 
 
 class TaxonomyWarning(UserWarning):
     """A taxonomy that is valid but probably not what was meant (e.g. a node with one child)."""
+
+
+class UnknownNodeError(TaxonomyError, KeyError):
+    """A name that is not a node of the tree was asked about (``taxonomy.depth("typo")``).
+
+    A ``TaxonomyError``, so the command line reports it on one line; also a ``KeyError``,
+    as a lookup of a missing key is in Python.
+    """
+
+    __str__ = Exception.__str__  # KeyError would quote the message
 
 
 class NodeSpec(BaseModel):
@@ -179,7 +196,7 @@ def load_taxonomy(path: str | Path) -> Taxonomy:
     except (OSError, UnicodeDecodeError) as exc:
         raise TaxonomyError(f"{path}: cannot read taxonomy file ({exc})") from None
     try:
-        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -468,7 +485,11 @@ class Taxonomy:
 
     def _check(self, node: str) -> str:
         if node not in self.graph.nodes:
-            raise KeyError(f"'{node}' is not a node of taxonomy '{self.name}'")
+            tax = f" '{self.name}'" if self.name else ""
+            raise UnknownNodeError(
+                f"{self.source}: '{node}' is not a node of taxonomy{tax}; use one of its node names "
+                f"({', '.join(self.nodes[1:6])}{', ...' if self.num_nodes > 6 else ''}) or add it to the tree"
+            )
         return node
 
     # -- serialisation and derived trees ------------------------------------------------

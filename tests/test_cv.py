@@ -239,11 +239,26 @@ def test_restart_skips_finished_cells_and_resumes_the_interrupted_one(project: P
     assert read_json(out / "tables.json")["finished_cells"] == 4
 
 
+def test_ctrl_c_in_a_cell_stops_the_grid_without_marking_the_cell(project: Path, tmp_path: Path, monkeypatch):
+    def interrupted_fit(fit_config, console=None, **kwargs):
+        return engine.RunResult(Path(fit_config.out), 0, None, "val_hF", None, interrupted=True)
+
+    monkeypatch.setattr(engine, "fit", interrupted_fit)
+    log = io.StringIO()
+    config = load_cv_config(write_config(project, "cv-int.yaml", out=str(tmp_path / "out")))
+    result = run_cv(config, Console(file=log, width=160), progress=False)
+    assert result.interrupted and result.finished == 0 and len(result.cells) == 4
+    assert all(c.status == "pending" for c in result.cells)
+    assert not (cell_dir(tmp_path / "out", "flat", BACKBONE, 0) / "cv_done.json").exists()
+    assert "run the same command again" in log.getvalue()
+    assert read_json(tmp_path / "out" / "tables.json")["finished_cells"] == 0
+
+
 def test_cell_states(tmp_path: Path):
     run = tmp_path / "cell"
     assert cv._cell_state(run) == "new"
-    run.mkdir()
-    assert cv._cell_state(run) == "new"
+    (run / "checkpoints").mkdir(parents=True)  # what a run that failed before its first write leaves
+    assert cv._cell_state(run) == "new" and not (run / "checkpoints").exists()
     (run / "config.yaml").write_text("strategy: flat\n")
     assert cv._cell_state(run) == "restart"
     (run / "cv_done.json").write_text("{}")
@@ -319,6 +334,8 @@ def test_command_line_errors_and_missing_files(tmp_path: Path, capsys):
     path = write_config(tmp_path)
     with pytest.raises(ConfigError, match="command-line option --folds"):
         load_cv_config(path, {"folds": 1})
+    with pytest.raises(ConfigError, match="command-line option --device: 'gpu' is not a device"):
+        load_cv_config(path, {"fit": {"device": "gpu"}})
     with pytest.raises(ConfigError, match="config file not found"):
         load_cv_config(tmp_path / "nope.yaml")
     assert main(["cv", "--config", str(path), "--strategies", "flat,bogus"]) == 2
@@ -393,7 +410,7 @@ def test_shipped_configs_are_valid():
     without = load_cv_config(REPO / "examples" / "leukemia" / "cv-without-reactive.yaml")
     assert without.exclude == ["Reactive"] and without.strategies == suite.strategies
     cpu = load_cv_config(REPO / "examples" / "blood-cells" / "cv-cpu.yaml")
-    assert cpu.data == (REPO.parent / "shared" / "data" / "blood-cells").resolve()
+    assert cpu.data == (REPO.parent / "shared" / "data" / "blood-cells" / "manifest.csv").resolve()
     assert cpu.taxonomy == (REPO / "taxonomy" / "blood-cells.yaml").resolve()
     assert cpu.strategies == ["flat", "per_node", "per_level", "joint"] and cpu.folds == 3
     assert cpu.fit_config("per_level", "resnet18", 2).img_size == 64

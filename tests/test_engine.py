@@ -276,3 +276,31 @@ def test_loaded_run_reproduces_validation_predictions(smears, tmp_path):
     fresh = build_model(loaded.config, loaded.taxonomy, None, pretrained=False)
     load_weights(run / "checkpoints" / "best.safetensors", fresh)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), loaded.model.state_dict().values()))
+
+
+def test_host_syncs_only_every_check_interval(smears, tmp_path, monkeypatch):
+    """The loss is fetched from the device every CHECK_EVERY steps and at each unit's last step."""
+    checks, steps = [], []
+    real_check = engine._check
+
+    def counting(step_losses, step, *args, **kwargs):
+        checks.append(step)
+        return real_check(step_losses, step, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "CHECK_EVERY", 4)
+    monkeypatch.setattr(engine, "_check", counting)
+    fit(make_config(smears, tmp_path / "run", epochs=1, batch_size=4), progress=False,
+        on_step=lambda epoch, unit, step: steps.append(step))
+    last = max(steps)
+    assert last >= 4, "the test needs more steps than the check interval"
+    assert checks == sorted({s for s in steps if (s + 1) % 4 == 0} | {last})
+    assert metrics_of(tmp_path / "run")[0]["train_loss"]["joint"] > 0
+
+
+def test_optimizer_kernels_follow_the_device():
+    config = load_config(None, {"taxonomy": "t", "data": "d", "out": "o"})
+    cpu = engine._optimizer(config, [torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(cpu, torch.optim.AdamW) and not cpu.defaults.get("fused")
+    if torch.cuda.is_available():
+        gpu = engine._optimizer(config, [torch.nn.Parameter(torch.zeros(2, device="cuda"))])
+        assert gpu.defaults.get("fused") is True

@@ -22,7 +22,15 @@ import pytest
 from PIL import Image
 
 from hiercls.cli import main
-from hiercls.data import DataWarning, ImageCache, audit, grouped_kfold, grouped_train_val_split, load_images, open_rgb
+from hiercls.data import (
+    DataWarning,
+    ImageCache,
+    audit,
+    grouped_kfold,
+    grouped_train_val_split,
+    load_images,
+    open_rgb,
+)
 from hiercls.data.cache import MAX_LISTED_FILES
 from hiercls.errors import CheckpointError, DataError, TaxonomyError
 from hiercls.taxonomy import load_taxonomy
@@ -437,3 +445,49 @@ def test_predict_on_a_folder_that_is_not_a_run_exits_2(smears, tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     assert predict(tmp_path / "empty", smears, tmp_path / "p.csv") == 2
     assert "not a hiercls run" in capsys.readouterr().err
+
+
+def test_predict_into_a_missing_folder_is_refused_before_predicting(runs, smears, tmp_path, capsys):
+    assert predict(runs["base"], smears, tmp_path / "no" / "such" / "p.csv") == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--out" in err and "Traceback" not in err
+
+
+def test_predict_never_overwrites_an_existing_file_without_overwrite(runs, smears, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    out.write_text("my notes")
+    assert predict(runs["base"], smears, out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_text() == "my notes"
+    assert predict(runs["base"], smears, out, "--overwrite") == 0
+    assert out.read_text().startswith("path,label,group,prediction")
+
+
+def test_predict_with_unreadable_images_names_them_all(runs, smears, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(smears, data)
+    for name in ("ALL/slide0_ALL.png", "CML/slide2_CML.png", "Normal/slide1_Normal.png"):
+        (data / name).write_bytes(b"\0" * 10)
+    assert predict(runs["base"], data, tmp_path / "p.csv") == 2
+    err = capsys.readouterr().err
+    assert "3 of 24 image file(s) cannot be read" in err
+    assert all(name in err for name in ("slide0_ALL.png", "slide2_CML.png", "slide1_Normal.png"))
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_full_disk_while_writing_the_cache_is_a_named_error(tmp_path, make_image, monkeypatch):
+    import errno
+
+    paths = [make_image(tmp_path / f"i{k}.png", seed=k) for k in range(3)]
+    real_open = np.lib.format.open_memmap
+
+    def disk_full(filename, mode="r+", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(filename, mode, *args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", disk_full)
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(DataError, match=r"cache: cannot write the image cache \(No space left on device\).*--cache-dir"):
+        ImageCache(cache_dir).load(paths, 8, progress=False)
+    assert list(cache_dir.iterdir()) == []  # no partial entry left behind

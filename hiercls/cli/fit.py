@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -26,13 +27,16 @@ def register(subparsers) -> None:
             "Train a hierarchical classifier (flat, per_node, per_level or joint) and write a run "
             "folder with the resolved config, the split, metrics per epoch and checkpoints. Options "
             "given here override those of --config. Ctrl-C stops after the current step and saves a "
-            "checkpoint that --resume continues from."
+            "checkpoint that --resume continues from. Started by torchrun, the processes train "
+            "data-parallel (DistributedDataParallel): --batch-size is the global batch, split evenly "
+            "over the processes; rank 0 writes the run."
         ),
         example_lines=(
             "hiercls fit --taxonomy taxonomy/leukemia.yaml --data smears/ --out runs/joint",
             "hiercls fit --config examples/leukemia/vit_s16_joint.yaml --data smears/manifest.csv --out runs/vit",
             "hiercls fit --taxonomy T.yaml --data D --out runs/cv0 --fold 0 --folds 5 --strategy per_node",
             "hiercls fit --out runs/joint --resume --epochs 20",
+            "torchrun --nproc-per-node 4 -m hiercls fit --config C.yaml --out runs/ddp --batch-size 256",
         ),
     )
     S = argparse.SUPPRESS  # unset flags stay out of the namespace, so the config file's values win
@@ -57,6 +61,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", metavar="auto|cpu|cuda|cuda:N", default=S, help="default: auto (cuda when available)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=S, help="auto: bf16 on cuda, fp32 on cpu")
     p.add_argument("--compile", dest="compile", action="store_true", default=S, help="torch.compile each model (GPU)")
+    p.add_argument("--deterministic", action="store_true", default=S,
+                   help="CUDA: no cuDNN autotuning or TF32 (bit-stable reruns, slower)")
     p.add_argument("--group-regex", dest="group_regex", metavar="R", default=S, help="regex on file names giving the group (slide / patient)")
     p.add_argument("--exclude", nargs="+", metavar="NODE", default=S, help="drop these nodes (and their images) from the tree")
     p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", default=S, help="decoded-image cache (default: $HIERCLS_CACHE or ~/.cache/hiercls)")
@@ -73,6 +79,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     given = {name: getattr(args, name) for name in CONFIG_FLAGS if hasattr(args, name)}
     if getattr(args, "compile", None):
         given["compile"] = True
+    if getattr(args, "deterministic", None):
+        given["deterministic"] = True
     return given
 
 
@@ -82,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     from hiercls.errors import ConfigError
     from hiercls.run import load_resume_config
 
-    console = Console(stderr=True)
+    # Under torchrun only rank 0 speaks; the other processes train silently.
+    console = Console(stderr=True, quiet=os.environ.get("RANK", "0") not in ("", "0"))
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; choose one")
     overrides = overrides_from_args(args)

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="preds.csv", help="predictions CSV to write")
     p.add_argument("--group-regex", dest="group_regex", metavar="R", default=None, help="regex on file names giving the group")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="default: best")
-    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", default=None, help="default: the run's batch size")
+    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", default=None, help="default: twice the run's batch size")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first (pays off for many images on a GPU)")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="default: auto")
     p.add_argument("--decode", choices=("greedy", "best_leaf", "threshold"), default=None, help="default: the run's decode rule")
     p.add_argument("--threshold", type=float, default=None, metavar="X", help="for --decode threshold (default: the run's, 0.5)")
@@ -56,11 +57,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
+    _check_writable(out)
     loaded = load_run(args.run, args.checkpoint)
     table = load_images(args.data, taxonomy=loaded.taxonomy, group_regex=args.group_regex, require_labels=False)
     if len(table) == 0:
         raise ConfigError(f"{args.data}: no images found")
-    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, progress=args.progress, console=console)
+    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, progress=args.progress, console=console,
+                          compile=args.compile)
     method = args.decode or loaded.config.decode
     threshold = args.threshold if args.threshold is not None else loaded.config.threshold
     predictions = probs.decode(method, threshold=threshold)
@@ -72,3 +75,21 @@ def run(args: argparse.Namespace) -> int:
         summary += f" (exact-match accuracy on {len(known)} labelled images: {correct / len(known):.3f})"
     console.print(summary)
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written before predicting, not after an hour of it."""
+    import os
+    import tempfile
+
+    from hiercls.errors import ConfigError
+
+    folder = Path(os.path.abspath(out)).parent
+    if not folder.is_dir():
+        raise ConfigError(f"{out}: folder {folder} does not exist; create it first or choose another --out")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write to {folder} ({exc.strerror or exc}); choose another --out") from None

@@ -4,12 +4,17 @@ from hiercls.data.audit import AuditReport, audit
 from hiercls.data.cache import ImageCache, default_cache_dir
 from hiercls.data.dataset import DataWarning, ImageTable, load_images, write_manifest
 from hiercls.data.images import IMAGE_EXTENSIONS, open_rgb
-from hiercls.data.splits import group_warning, grouped_kfold, grouped_train_val_split, split_count_table
+from hiercls.data.splits import (
+    group_warning,
+    grouped_kfold,
+    grouped_train_val_split,
+    split_count_table,
+)
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "AuditReport",
     "DataWarning",
-    "IMAGE_EXTENSIONS",
     "ImageCache",
     "ImageTable",
     "audit",

@@ -28,14 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from hiercls.data.dataset import ImageTable, unknown_label_counts
 from hiercls.data.images import open_rgb_bytes
 from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import Taxonomy
 
-__all__ = ["AuditReport", "ImageInfo", "audit", "inspect_image", "near_duplicate_pairs", "DEFAULT_NEAR_THRESHOLD"]
+__all__ = ["DEFAULT_NEAR_THRESHOLD", "AuditReport", "ImageInfo", "audit", "inspect_image", "near_duplicate_pairs"]
 
 #: Hamming distance (bits of 64) at or below which two perceptual hashes are near duplicates.
 DEFAULT_NEAR_THRESHOLD = 4

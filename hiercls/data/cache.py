@@ -30,12 +30,18 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from hiercls.data.images import open_rgb
 from hiercls.errors import DataError
 
-__all__ = ["ImageCache", "MAX_LISTED_FILES", "default_cache_dir", "decode_resized", "unreadable_error"]
+__all__ = ["MAX_LISTED_FILES", "ImageCache", "decode_resized", "default_cache_dir", "unreadable_error"]
 
 _FORMAT_VERSION = 1
 _PARALLEL_FROM = 32  # fewer images than this are decoded in the calling thread
@@ -183,24 +189,27 @@ class ImageCache:
             ) from None
         array_path, meta_path = self._paths(key)
         tmp = self.cache_dir / f".{key}.{uuid.uuid4().hex}.tmp.npy"
+        meta_tmp = None
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
             self._decode_all(paths, size, out, progress, identities)
             out.flush()
             del out
             os.replace(tmp, array_path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        meta = {"v": _FORMAT_VERSION, "size": size, "files": [list(i) for i in identities]}
-        fd, meta_tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".tmp.json")
-        try:
+            meta = {"v": _FORMAT_VERSION, "size": size, "files": [list(i) for i in identities]}
+            fd, meta_tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".tmp.json")
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(meta, handle)
             os.replace(meta_tmp, meta_path)
+        except OSError as exc:  # disk full, read-only or vanished folder: the images themselves are fine
+            raise DataError(
+                f"{self.cache_dir}: cannot write the image cache ({exc.strerror or exc}); free some space, "
+                "or point --cache-dir / HIERCLS_CACHE at a writable folder with room for it"
+            ) from None
         finally:
-            if os.path.exists(meta_tmp):
-                os.unlink(meta_tmp)
+            for leftover in (tmp, meta_tmp):
+                if leftover is not None and os.path.exists(leftover):
+                    os.unlink(leftover)
 
     def _reusable_rows(self, identities, size) -> dict[tuple, tuple[Path, int]]:
         """Rows of other entries at the same size that already hold some of these images."""

@@ -304,7 +304,7 @@ def _read_manifest(csv_path: Path, require_labels: bool):
     for line_no, row in enumerate(rows[1:], start=2):
         if not row or all(not cell.strip() for cell in row):
             continue  # blank line
-        cell = lambda col: row[col].strip() if col is not None and col < len(row) else ""  # noqa: E731
+        cell = lambda col: row[col].strip() if col is not None and col < len(row) else ""
         rel = cell(col_path)
         if not rel:
             raise DataError(f"{csv_path}:{line_no}: empty path; every row needs a path to an image")

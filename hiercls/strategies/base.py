@@ -90,6 +90,32 @@ class LossUnit(TrainingUnit):
         return self.losses
 
 
+@dataclass(eq=False, kw_only=True)
+class TargetTableUnit(LossUnit):
+    """A unit with one softmax decision whose target per label comes from a lookup table.
+
+    ``tables["targets"][label]`` is the class index of the label in this decision, or -1 when
+    the label says nothing about it (then the image is not used by this unit).
+    """
+
+    tables: tree_ops.DeviceCache | None = None
+
+    @property
+    def log_name(self) -> str:
+        return self.name
+
+    def sample_mask(self, label_indices: np.ndarray) -> np.ndarray:
+        labels = np.asarray(label_indices)
+        targets = self.tables.cpu("targets").numpy()[np.clip(labels, 0, None)]
+        return (labels >= 0) & (targets >= 0)
+
+    def compute_loss(self, outputs: Tensor, label_indices: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        table = self.tables.on(outputs.device)["targets"]
+        targets = table[label_indices.to(outputs.device).long().clamp(min=0)]
+        loss = decision_loss(self.losses_on(outputs.device)[0], outputs, targets)
+        return loss, {self.log_name: loss.detach()}
+
+
 def decision_loss(loss: nn.Module, logits: Tensor, targets: Tensor) -> Tensor:
     """Mean loss of one softmax decision over the rows with a target (targets -1 are left out).
 

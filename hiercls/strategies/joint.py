@@ -9,7 +9,7 @@ reaches another head's weights; the shared backbone learns from every level.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

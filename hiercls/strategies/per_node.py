@@ -16,29 +16,21 @@ from torch import Tensor
 
 from hiercls.models import tree_ops
 from hiercls.models.heads import BackboneClassifier
-from hiercls.strategies.base import BackboneFactory, LossFactory, LossUnit, TrainingUnit, decision_loss
+from hiercls.strategies.base import BackboneFactory, LossFactory, TargetTableUnit, TrainingUnit
 from hiercls.taxonomy import Taxonomy
 
 DEFAULT_OPTIONS: dict[str, Any] = {"dropout": 0.0}
 
 
 @dataclass(eq=False, kw_only=True)
-class NodeUnit(LossUnit):
+class NodeUnit(TargetTableUnit):
     """The model of one internal node: logits over its children."""
 
     node: str = ""
-    tables: tree_ops.DeviceCache | None = None
 
-    def sample_mask(self, label_indices: np.ndarray) -> np.ndarray:
-        labels = np.asarray(label_indices)
-        targets = self.tables.cpu("targets").numpy()[np.clip(labels, 0, None)]
-        return (labels >= 0) & (targets >= 0)
-
-    def compute_loss(self, outputs: Tensor, label_indices: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        table = self.tables.on(outputs.device)["targets"]
-        targets = table[label_indices.to(outputs.device).long().clamp(min=0)]
-        loss = decision_loss(self.losses_on(outputs.device)[0], outputs, targets)
-        return loss, {self.node: loss.detach()}
+    @property
+    def log_name(self) -> str:
+        return self.node
 
     def conditionals(self, outputs: Tensor) -> Tensor:
         return torch.softmax(outputs.float(), dim=1)

@@ -1,0 +1,65 @@
+"""Smoke test of benchmarks/bench_fit.py at its smallest setting (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fit.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_fit", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_reports_every_figure(tmp_path, capsys):
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    results = bench.main([
+        "--backbone", "test_resnet", "--img-size", "16", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+        "--device", "cpu", "--synthetic", "40", "--json", str(out),
+    ])
+    for key in ("raw_train", "hiercls_train", "raw_infer", "hiercls_predict"):
+        measure = results[key]
+        assert measure["images_per_second"] > 0 and math.isfinite(measure["images_per_second"]), key
+        assert measure["images"] > 0 and measure["seconds"] > 0, key
+        assert measure["peak_memory_gib"] is None  # CPU: no GPU memory to report
+    assert results["hiercls_train"]["images"] == 2 * 8, "two timed steps of 8 images"
+    for key in ("train_ratio", "predict_ratio"):
+        assert results[key] > 0 and math.isfinite(results[key])
+    hours = results["cv_grid_hours"]
+    assert set(hours) == {"flat", "joint", "per_node", "total"}
+    assert hours["per_node"] > hours["flat"] > 0
+    assert hours["total"] == pytest.approx(hours["flat"] + hours["joint"] + hours["per_node"])
+    assert json.loads(out.read_text())["train_ratio"] == pytest.approx(results["train_ratio"])
+    printed = capsys.readouterr().out
+    for row in ("raw timm training", "hiercls fit (joint)", "raw timm inference", "hiercls predict_table", "CV grid"):
+        assert row in printed
+
+
+def test_cv_extrapolation_follows_the_formula():
+    bench = load_bench()
+    hours = bench.cv_grid_hours(train_rate=100.0, infer_rate=400.0)
+    flat = 5 * 80 * (2970 / 100.0 + 742 / 400.0) / 3600
+    per_node = 5 * 80 * (2970 * 2.4 / 100.0 + 742 * 4 / 400.0) / 3600
+    assert hours["flat"] == pytest.approx(flat) and hours["per_node"] == pytest.approx(per_node)
+
+
+def test_synthetic_images_are_real_jpegs_over_the_leaves(tmp_path):
+    from PIL import Image
+
+    bench = load_bench()
+    folder = bench.write_synthetic(tmp_path / "data", 14, img_size=16)
+    files = sorted(folder.rglob("*.jpg"))
+    assert len(files) == 14 and len({f.parent.name for f in files}) == 7
+    with Image.open(files[0]) as image:
+        assert image.format == "JPEG" and image.size == (20, 20)
