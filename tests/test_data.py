@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,15 +146,29 @@ def test_manifest_repeated_row(class_folder):
         load_images(csv)
 
 
-def test_sample_manifest_is_finer_than_folders():
+def test_sample_manifest_is_finer_than_folders(tmp_path):
     taxonomy = load_taxonomy(Path(__file__).resolve().parents[1] / "taxonomy" / "blood-cells.yaml")
     fine = load_images(SAMPLE_DATA / "manifest.csv", taxonomy)
-    coarse = load_images(SAMPLE_DATA, taxonomy)
-    assert sorted(fine.paths) == sorted(coarse.paths)
+    # The class folders alone (a copy without the manifest) give only the coarse labels.
+    folders_only = tmp_path / "sample"
+    shutil.copytree(SAMPLE_DATA, folders_only, ignore=shutil.ignore_patterns("manifest.csv"))
+    coarse = load_images(folders_only, taxonomy)
+    assert sorted(p.relative_to(SAMPLE_DATA) for p in fine.paths) == sorted(
+        p.relative_to(folders_only) for p in coarse.paths
+    )
     assert "promyelocyte" in fine.labels and "immature_granulocyte" in fine.labels
     assert set(coarse.labels) & {"promyelocyte", "segmented_neutrophil"} == set()
     assert coarse.labels.count("immature_granulocyte") == 25  # the `ig` folder, via its alias
     assert 0 < fine.labels.count("neutrophil") < 25  # partial labels
+
+
+def test_folder_with_manifest_is_read_through_it():
+    taxonomy = load_taxonomy(Path(__file__).resolve().parents[1] / "taxonomy" / "blood-cells.yaml")
+    via_folder = load_images(SAMPLE_DATA, taxonomy)
+    via_manifest = load_images(SAMPLE_DATA / "manifest.csv", taxonomy)
+    assert via_folder.paths == via_manifest.paths
+    assert via_folder.labels == via_manifest.labels
+    assert "promyelocyte" in via_folder.labels
 
 
 # -- groups ---------------------------------------------------------------------------

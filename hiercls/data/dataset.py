@@ -107,6 +107,10 @@ class ImageTable:
         return counts
 
 
+#: A folder with a file of this name at its top is read through it rather than its sub-folders.
+MANIFEST_NAME = "manifest.csv"
+
+
 def unknown_label_counts(table: ImageTable) -> Counter:
     """Raw labels that did not resolve to a node (only with ``unknown_labels="keep"``)."""
     return Counter(raw for raw, lab in zip(table.raw_labels, table.labels) if raw is not None and lab is None)
@@ -127,10 +131,15 @@ def load_images(
     is what the audit uses to report them. ``group_regex`` derives each image's group
     from its file name (first capture group, else the whole match); it overrides a
     manifest's ``group`` column. Paths are absolute; order is deterministic.
+
+    A folder holding a ``manifest.csv`` at its top is read through that manifest: it
+    usually carries finer labels (and groups) than the class folders do.
     """
     data = Path(data)
     if not data.exists():
         raise DataError(f"{data}: not found; give a folder of class sub-folders, a folder of images or a CSV manifest")
+    if data.is_dir() and (data / MANIFEST_NAME).is_file():
+        data = data / MANIFEST_NAME
     if data.is_dir():
         root, paths, raw_labels, groups, skipped = _read_folder(data, require_labels)
         source = str(data)
