@@ -3,11 +3,21 @@
 Every file goes through the atomic writers of ``hiercls.io`` (re-exported here so older
 imports keep working): a crash or Ctrl-C mid-write leaves either the old file or the new
 one, never a truncated one.
+
+A checkpoint is several files (weights, metadata, training state) that must belong together,
+so they are saved in two phases: each new file is first written beside the old one as
+``<file>.new``, the metadata last (its ``.new`` is the commit mark); then the ``.new`` files
+are renamed over the old ones, metadata last. A run killed at any moment leaves either the
+old set intact (no ``<name>.json.new``: the stray ``.new`` files are dropped) or a committed
+new set whose renames ``recover_checkpoint`` finishes. All parts carry the same
+``checkpoint_id``, which the readers compare.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,8 @@ __all__ = [
     "save_weights",
     "load_weights",
     "save_checkpoint",
+    "recover_checkpoint",
+    "weights_checkpoint_id",
     "read_metadata",
     "save_training_state",
     "load_training_state",
@@ -45,9 +57,21 @@ def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def save_weights(path: str | Path, module: torch.nn.Module) -> Path:
+def save_weights(path: str | Path, module: torch.nn.Module, checkpoint_id: str | None = None) -> Path:
     """Write ``module``'s state dict as safetensors (pickle-free), atomically."""
-    return atomic_write_bytes(path, safetensors_save(_plain_state(module)))
+    metadata = {"checkpoint_id": checkpoint_id} if checkpoint_id else None
+    return atomic_write_bytes(path, safetensors_save(_plain_state(module), metadata=metadata))
+
+
+def weights_checkpoint_id(path: str | Path) -> str | None:
+    """The ``checkpoint_id`` stored in a safetensors file's header (None for older files)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("checkpoint_id")
+    except Exception:  # unreadable header: the loader reports it properly
+        return None
 
 
 def load_weights(path: str | Path, module: torch.nn.Module) -> None:
@@ -69,15 +93,55 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> None:
         ) from None
 
 
-def save_checkpoint(folder: str | Path, name: str, module: torch.nn.Module, metadata: dict[str, Any]) -> Path:
-    """Write ``folder/name.safetensors`` then ``folder/name.json``.
+def _parts(folder: Path, name: str) -> list[Path]:
+    """The files of checkpoint ``name``, in commit order (metadata last)."""
+    return [folder / f"{name}.state.pt", folder / f"{name}.safetensors", folder / f"{name}.json"]
 
-    The JSON is written last, so a checkpoint counts as finished only when its metadata exists.
+
+def _new(path: Path) -> Path:
+    return path.with_name(path.name + ".new")
+
+
+def save_checkpoint(
+    folder: str | Path,
+    name: str,
+    module: torch.nn.Module,
+    metadata: dict[str, Any],
+    training_state: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``folder/name.{safetensors,json}`` (and ``name.state.pt`` when given) as one unit.
+
+    See the module docstring for the two-phase write that keeps the parts consistent.
     """
     folder = Path(folder)
-    save_weights(folder / f"{name}.safetensors", module)
-    atomic_write_json(folder / f"{name}.json", metadata)
-    return folder / f"{name}.json"
+    recover_checkpoint(folder, name)
+    checkpoint_id = uuid.uuid4().hex
+    state_path, weights_path, meta_path = _parts(folder, name)
+    if training_state is not None:
+        save_training_state(_new(state_path), dict(training_state, checkpoint_id=checkpoint_id))
+    elif state_path.exists():
+        state_path.unlink()  # a state left from another kind of save would not match
+    save_weights(_new(weights_path), module, checkpoint_id)
+    atomic_write_json(_new(meta_path), dict(metadata, checkpoint_id=checkpoint_id))  # the commit mark
+    _finish_commit(folder, name)
+    return meta_path
+
+
+def _finish_commit(folder: Path, name: str) -> None:
+    for part in _parts(folder, name):
+        if _new(part).exists():
+            os.replace(_new(part), part)
+
+
+def recover_checkpoint(folder: str | Path, name: str) -> None:
+    """Finish a committed save that was interrupted, or drop an uncommitted one."""
+    folder = Path(folder)
+    if _new(_parts(folder, name)[-1]).exists():
+        _finish_commit(folder, name)
+        return
+    for part in _parts(folder, name)[:-1]:
+        if _new(part).exists():
+            _new(part).unlink()
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from rich.console import Console
 from rich.table import Table
 
-from hiercls.checkpoint import atomic_write_json, atomic_write_text
+from hiercls.io import atomic_write_json, atomic_write_text
 from hiercls.config import FitConfig, read_config_file
 from hiercls.errors import CheckpointError, ConfigError, DataError
 
@@ -774,7 +774,7 @@ def render_tables_markdown(tables: dict[str, Any]) -> str:
         f"- data: `{s['data']}`" + (f", groups from `{s['group_regex']}`" if s["group_regex"] else ""),
         f"- {folds}-fold " + _split_kind(tables) + f"cross-validation (seed {s['seed']}), the same split for every model;"
         f" scored with the **{s['checkpoint']}** checkpoint",
-        f"- fit options: " + (", ".join(f"{k}={v}" for k, v in s["fit"].items()) or "defaults"),
+        "- fit options: " + (", ".join(f"{k}={v}" for k, v in s["fit"].items()) or "defaults"),
         f"- finished cells: {tables['finished_cells']} of {tables['total_cells']}",
         "",
         *(f"Note: {n}." for n in tables["notes"]),

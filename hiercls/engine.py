@@ -52,8 +52,10 @@ from hiercls.augment import BatchAugment
 from hiercls.checkpoint import (
     load_training_state,
     load_weights,
+    read_metadata,
+    recover_checkpoint,
     save_checkpoint,
-    save_training_state,
+    weights_checkpoint_id,
 )
 from hiercls.config import FitConfig
 from hiercls.errors import CheckpointError, ConfigError, DataError, HierclsError
@@ -533,8 +535,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
                   step_losses: torch.Tensor | None = None) -> None:
         if not dist.main:
             return
-        save_checkpoint(paths.checkpoints, "last", model, metadata(epoch, metrics, partial))
-        save_training_state(paths.state, {
+        save_checkpoint(paths.checkpoints, "last", model, metadata(epoch, metrics, partial), training_state={
             "position": next_position,
             "best_metric": best_metric,
             "best_epoch": best_epoch,
@@ -705,7 +706,9 @@ def _train_step(u: _Unit, images: torch.Tensor, targets: torch.Tensor, batch_idx
         loss.backward()
         u.optimizer.step()
         u.scheduler.step()
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
         raise TrainingError(
             f"out of GPU memory at batch size {config.batch_size} ({u.name}); try --batch-size "
             f"{max(1, config.batch_size // 2)} or a smaller --img-size"
@@ -727,10 +730,17 @@ def _gather(images: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor, devi
     return staged.to(device, non_blocking=True), targets[idx].to(device, non_blocking=True)
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch raises OutOfMemoryError, but some kernels still raise a plain RuntimeError."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 def _guard_oom(call: Callable, config: FitConfig):
     try:
         return call()
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
         raise TrainingError(
             f"out of GPU memory while validating at batch size {config.batch_size}; try --batch-size "
             f"{max(1, config.batch_size // 2)}"
@@ -739,8 +749,20 @@ def _guard_oom(call: Callable, config: FitConfig):
 
 def _restore(paths: RunPaths, model, units: list[_Unit]):
     """Load weights, optimizer/scheduler state and loop position from the last checkpoint."""
+    recover_checkpoint(paths.checkpoints, "last")  # finish (or drop) a save a kill interrupted
     load_weights(paths.weights("last"), model)
     state = load_training_state(paths.state)
+    ids = {
+        "weights": weights_checkpoint_id(paths.weights("last")),
+        "training state": state.get("checkpoint_id"),
+        "metadata": read_metadata(paths.metadata("last")).get("checkpoint_id"),
+    }
+    if len(set(ids.values())) != 1:
+        raise CheckpointError(
+            f"{paths.checkpoints}: the parts of the last checkpoint do not belong together "
+            f"({', '.join(f'{k} {v}' for k, v in ids.items())}); it cannot be resumed safely. "
+            "Start again with --overwrite, or predict with --checkpoint best"
+        )
     names = [s["name"] for s in state["units"]]
     if names != [u.name for u in units]:
         raise CheckpointError(f"{paths.state}: training units {names} differ from the model's; cannot resume")

@@ -27,7 +27,7 @@ from rich.progress import (
 )
 
 from hiercls.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from hiercls.checkpoint import load_weights, read_metadata
+from hiercls.checkpoint import load_weights, read_metadata, weights_checkpoint_id
 from hiercls.config import FitConfig
 from hiercls.errors import CheckpointError, ConfigError, HierclsError
 from hiercls.probabilities import NodeProbabilities
@@ -269,6 +269,12 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
     counts = metadata.get("class_counts")
     class_counts = np.asarray(counts, dtype=np.float64) if counts is not None else None
     model = build_model(config, taxonomy, class_counts, pretrained=False)
+    stored_id = metadata.get("checkpoint_id")
+    if stored_id and weights_checkpoint_id(paths.weights(which)) not in (None, stored_id):
+        raise CheckpointError(
+            f"{meta_path}: the {which} checkpoint is being written or its save was interrupted (its weights "
+            "and metadata differ); try again when training has saved it, or `hiercls fit --resume` the run"
+        )
     load_weights(paths.weights(which), model)
     model.eval()
     return LoadedRun(taxonomy=taxonomy, config=config, model=model, metadata=metadata, run_dir=paths.root)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hiercls.checkpoint import atomic_write_text
+from hiercls.io import atomic_write_text
 from hiercls.errors import DataError
 from hiercls.probabilities import NodeProbabilities
 from hiercls.taxonomy import Taxonomy

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hiercls.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: E402
+from hiercls.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from hiercls.metrics import ConfusionMatrix, confusion_matrices, leaf_confusion_matrix  # noqa: E402
 from hiercls.taxonomy import Taxonomy  # noqa: E402
 

@@ -17,6 +17,7 @@ from hiercls.checkpoint import (
     save_checkpoint,
     save_training_state,
     save_weights,
+    weights_checkpoint_id,
 )
 from hiercls.errors import CheckpointError
 
@@ -95,7 +96,10 @@ def test_save_checkpoint_writes_weights_and_metadata(tmp_path):
     model = tiny_model(0)
     meta_path = save_checkpoint(tmp_path / "ckpt", "best", model, {"epoch": 3, "strategy": "joint"})
     assert (tmp_path / "ckpt" / "best.safetensors").is_file()
-    assert read_metadata(meta_path) == {"epoch": 3, "strategy": "joint"}
+    meta = read_metadata(meta_path)
+    assert {k: v for k, v in meta.items() if k != "checkpoint_id"} == {"epoch": 3, "strategy": "joint"}
+    assert meta["checkpoint_id"] == weights_checkpoint_id(tmp_path / "ckpt" / "best.safetensors")
+    assert not list((tmp_path / "ckpt").glob("*.new"))
     with pytest.raises(CheckpointError, match="metadata not found"):
         read_metadata(tmp_path / "ckpt" / "last.json")
 

@@ -281,7 +281,7 @@ def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> No
 
 
 def run(args: argparse.Namespace) -> int:
-    from hiercls.checkpoint import atomic_write_json
+    from hiercls.io import atomic_write_json
     from hiercls.metrics import evaluate_predictions
     from hiercls.predictions import read_predictions_csv
     from hiercls.report import write_report
