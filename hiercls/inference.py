@@ -269,13 +269,14 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
     counts = metadata.get("class_counts")
     class_counts = np.asarray(counts, dtype=np.float64) if counts is not None else None
     model = build_model(config, taxonomy, class_counts, pretrained=False)
+    load_weights(paths.weights(which), model)
     stored_id = metadata.get("checkpoint_id")
     if stored_id and weights_checkpoint_id(paths.weights(which)) not in (None, stored_id):
         raise CheckpointError(
-            f"{meta_path}: the {which} checkpoint is being written or its save was interrupted (its weights "
-            "and metadata differ); try again when training has saved it, or `hiercls fit --resume` the run"
+            f"{meta_path}: the {which} weights file does not belong to this metadata (another checkpoint id): "
+            "was it copied from another run, or is training saving it right now? Try again after the save, "
+            "or `hiercls fit --resume` an interrupted run"
         )
-    load_weights(paths.weights(which), model)
     model.eval()
     return LoadedRun(taxonomy=taxonomy, config=config, model=model, metadata=metadata, run_dir=paths.root)
 
