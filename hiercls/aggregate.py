@@ -203,3 +203,46 @@ def aggregate_truth(groups: Sequence[str | None], true_nodes: Sequence[str | Non
         # dicts keep insertion order and max() returns the first maximum: first seen wins.
         labels.append(max(counts, key=counts.__getitem__) if counts else None)
     return GroupTruth(group_ids, labels, mixed)
+
+
+def evaluate_groups(
+    taxonomy: Taxonomy,
+    groups: Sequence[str | None],
+    true_nodes: Sequence[str | None],
+    pred_nodes: Sequence[str],
+    probs: NodeProbabilities | None,
+    aggregator: GroupAggregator,
+    aggregator_name: str = "",
+) -> dict:
+    """One prediction per group (slide, patient) by ``aggregator``, scored like images are.
+
+    Images without a group are left out (with a note); a group's truth is its images' label,
+    or the most frequent one when they disagree (counted as mixed groups).
+    """
+    from hiercls.metrics import evaluate_predictions
+
+    keep = [i for i, g in enumerate(groups) if g is not None]
+    notes = [f"{len(groups) - len(keep)} image(s) without a group left out"] if len(keep) < len(groups) else []
+    if not keep:
+        raise DataError("no image has a group; group metrics need a group per image")
+    kept_groups = [groups[i] for i in keep]
+    kept_probs = probs[np.asarray(keep, dtype=np.int64)] if probs is not None else None
+    group_ids, group_preds, group_probs = aggregator.aggregate(
+        taxonomy, kept_groups, [pred_nodes[i] for i in keep], kept_probs
+    )
+    truth = aggregate_truth(kept_groups, [true_nodes[i] for i in keep])
+    if all(t is None for t in truth.true_nodes):
+        raise DataError("no group has a labelled image; group metrics need labels")
+    metrics = evaluate_predictions(taxonomy, truth.true_nodes, group_preds, group_probs)
+    metrics["notes"] = notes + [n.replace("row(s)", "group(s)") for n in metrics["notes"]]
+    if truth.n_mixed:
+        metrics["notes"].append(
+            f"{truth.n_mixed} group(s) hold images with different labels; their label is the most frequent one"
+        )
+    metrics.update(
+        n_groups=len(group_ids),
+        n_mixed_groups=truth.n_mixed,
+        mixed_groups=truth.mixed_groups,
+        aggregator=aggregator_name or type(aggregator).__name__,
+    )
+    return metrics

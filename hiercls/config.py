@@ -21,6 +21,16 @@ __all__ = ["AugmentConfig", "FitConfig", "load_config", "read_config_file", "PAT
 PATH_OPTIONS = ("taxonomy", "data", "out", "pretrained", "cache_dir")
 
 
+def check_regex(value: str | None) -> str | None:
+    """A pydantic validator body: ``value`` must compile as a regular expression."""
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression '{value}' ({exc})") from None
+    return value
+
+
 class AugmentConfig(BaseModel):
     """Training-time augmentation, applied on the device to whole batches.
 
@@ -108,12 +118,7 @@ class FitConfig(BaseModel):
     @field_validator("group_regex")
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression '{value}' ({exc})") from None
-        return value
+        return check_regex(value)
 
     @model_validator(mode="after")
     def _split(self) -> FitConfig:

@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from rich.console import Console
 from rich.table import Table
 
-from hiercls.io import atomic_write_json, atomic_write_text
-from hiercls.config import FitConfig, read_config_file
+from hiercls.io import atomic_write_json, atomic_write_text, json_ready
+from hiercls.config import FitConfig, check_regex, read_config_file
 from hiercls.errors import CheckpointError, ConfigError, DataError
 
 __all__ = [
@@ -107,12 +107,7 @@ class CVConfig(BaseModel):
     @field_validator("group_regex")
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression '{value}' ({exc})") from None
-        return value
+        return check_regex(value)
 
     @field_validator("fit")
     @classmethod
@@ -599,47 +594,20 @@ def evaluate_cell(
         "strategy": loaded.config.strategy, "backbone": loaded.config.backbone, "fold": loaded.config.fold,
         "folds": loaded.config.folds, "checkpoint": CHECKPOINT, "epoch": loaded.metadata.get("epoch"),
     }
-    metrics = _json_ready(metrics)
+    metrics = json_ready(metrics)
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
 def _group_metrics(config: CVConfig, taxonomy, groups, labels, predictions, probs) -> dict[str, Any]:
     """Aggregate the held-out images per group (slide / patient) and score the groups."""
-    from hiercls.aggregate import aggregate_truth, get_aggregator
-    from hiercls.metrics import evaluate_predictions
+    from hiercls.aggregate import evaluate_groups, get_aggregator
 
-    keep = [i for i, g in enumerate(groups) if g is not None]
-    notes = [f"{len(groups) - len(keep)} image(s) without a group left out"] if len(keep) < len(groups) else []
-    if not keep:
-        return {"n_groups": 0, "notes": notes + ["no held-out image has a group"]}
-    kept_groups = [groups[i] for i in keep]
-    aggregator = get_aggregator(config.aggregator)
-    group_ids, group_preds, group_probs = aggregator.aggregate(
-        taxonomy, kept_groups, [predictions[i] for i in keep], probs[np.asarray(keep, dtype=np.int64)]
+    if all(g is None for g in groups):
+        return {"n_groups": 0, "notes": ["no held-out image has a group"]}
+    return evaluate_groups(
+        taxonomy, groups, labels, predictions, probs, get_aggregator(config.aggregator), config.aggregator
     )
-    truth = aggregate_truth(kept_groups, [labels[i] for i in keep])
-    metrics = evaluate_predictions(taxonomy, truth.true_nodes, group_preds, group_probs)
-    metrics["notes"] = notes + [n.replace("row(s)", "group(s)") for n in metrics["notes"]]
-    if truth.n_mixed:
-        metrics["notes"].append(f"{truth.n_mixed} group(s) hold images with different labels; "
-                                "their label is the most frequent one")
-    metrics.update(n_groups=len(group_ids), n_mixed_groups=truth.n_mixed, aggregator=config.aggregator)
-    return metrics
-
-
-def _json_ready(value: Any) -> Any:
-    """Plain JSON types; NaN / inf become null."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return value
 
 
 # -- the tables -----------------------------------------------------------------------------
@@ -730,7 +698,7 @@ def build_tables(config: CVConfig, cells: dict[tuple[str, str, int], dict[str, A
             "taxonomy": str(config.taxonomy), "data": str(config.data), "folds": config.folds, "seed": config.seed,
             "exclude": list(config.exclude), "strategies": list(config.strategies), "backbones": list(config.backbones),
             "group_regex": config.group_regex, "aggregator": config.aggregator, "checkpoint": CHECKPOINT,
-            "fit": _json_ready({k: (str(v) if isinstance(v, Path) else v) for k, v in config.fit.items()}),
+            "fit": json_ready({k: (str(v) if isinstance(v, Path) else v) for k, v in config.fit.items()}),
         },
         "finished_cells": finished,
         "total_cells": len(config.cells),

@@ -51,3 +51,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON (non-JSON values via ``str``) to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def json_ready(value: Any) -> Any:
+    """Plain JSON types (numpy scalars unwrapped); NaN and inf become null, not invalid JSON."""
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value

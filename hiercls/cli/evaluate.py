@@ -7,18 +7,17 @@ matplotlib, torch) happen inside ``run``, not here.
 from __future__ import annotations
 
 import argparse
-import math
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from hiercls.aggregate import AGGREGATORS, aggregate_truth, get_aggregator
+from hiercls.aggregate import AGGREGATORS, get_aggregator
 from hiercls.cli import add_command
 from hiercls.errors import ConfigError, DataError
+from hiercls.io import json_ready
 from hiercls.probabilities import DECODE_METHODS
 from hiercls.taxonomy import Taxonomy, load_taxonomy
 
@@ -195,50 +194,18 @@ def _group_metrics(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Aggregate per group (images without a group value are left out) and evaluate the groups."""
-    from hiercls.metrics import evaluate_predictions
+    from hiercls.aggregate import evaluate_groups
 
     options = {"decode": args.decode or "greedy", "threshold": args.threshold} if args.aggregator == "mean" else {}
-    aggregator = get_aggregator(args.aggregator, **options)
-    keep = [i for i, g in enumerate(groups) if g is not None]
-    notes = []
-    if len(keep) < len(groups):
-        notes.append(f"{len(groups) - len(keep)} image(s) without a {args.group_by} value left out")
-    kept_groups = [groups[i] for i in keep]
-    probs = preds.probs[np.asarray(keep, dtype=np.int64)] if preds.probs is not None else None
-    group_ids, group_preds, group_probs = aggregator.aggregate(
-        taxonomy, kept_groups, [pred_nodes[i] for i in keep], probs
-    )
-    truth = aggregate_truth(kept_groups, [preds.labels[i] for i in keep])
-    if all(t is None for t in truth.true_nodes):
-        raise DataError(f"--group-by {args.group_by}: no group has a labelled image; group metrics need labels")
-    metrics = evaluate_predictions(taxonomy, truth.true_nodes, group_preds, group_probs)
-    metrics["notes"] = notes + [n.replace("row(s)", "group(s)") for n in metrics["notes"]]
-    if truth.n_mixed:
-        metrics["notes"].append(
-            f"{truth.n_mixed} group(s) hold images with different labels; their label is the most frequent one"
+    try:
+        metrics = evaluate_groups(
+            taxonomy, groups, preds.labels, pred_nodes, preds.probs,
+            get_aggregator(args.aggregator, **options), args.aggregator,
         )
-    metrics.update(
-        n_groups=len(group_ids),
-        n_mixed_groups=truth.n_mixed,
-        mixed_groups=truth.mixed_groups,
-        aggregator=args.aggregator,
-        group_by=args.group_by,
-    )
+    except DataError as exc:
+        raise DataError(f"--group-by {args.group_by}: {exc}") from None
+    metrics["group_by"] = args.group_by
     return metrics
-
-
-def _json_ready(value: Any) -> Any:
-    """Plain JSON types; NaN / inf become null rather than invalid JSON."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return value
 
 
 def _fmt(value: Any) -> str:
@@ -314,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     if groups is not None:
         metrics["groups"] = _group_metrics(taxonomy, preds, pred_nodes, groups, args)
 
-    metrics = _json_ready(metrics)
+    metrics = json_ready(metrics)
     atomic_write_json(out / "metrics.json", metrics)
     labelled = [i for i, t in enumerate(preds.labels) if t is not None]
     write_report(
