@@ -69,7 +69,7 @@ from hiercls.inference import (
 )
 from hiercls.io import atomic_write_json, atomic_write_text
 from hiercls.probabilities import NodeProbabilities
-from hiercls.run import RunPaths, prepare_run_dir
+from hiercls.run import RunPaths, check_free_space, checkpoint_bytes, prepare_run_dir
 from hiercls.taxonomy import Taxonomy, load_taxonomy
 
 __all__ = ["fit", "RunResult", "TrainingError", "validation_metrics", "CHECK_EVERY"]
@@ -467,6 +467,8 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
     train_labels = label_idx[prepared.train_idx]
     class_counts = np.bincount(train_labels, minlength=taxonomy.num_nodes).astype(np.float64)
     model = build_model(config, taxonomy, class_counts)
+    if dist.main:
+        check_free_space(paths.root, checkpoint_bytes(model))
     channels_last = use_channels_last(config.channels_last, device)
     model = model.to(device)
     if channels_last:

@@ -65,6 +65,13 @@ class RunPaths:
         return self.config.is_file()
 
 
+def _never_trained(paths: RunPaths) -> bool:
+    """A hiercls run folder holding only set-up files: nothing trained, nothing to lose."""
+    if not paths.is_run() or (paths.metrics.is_file() and paths.metrics.stat().st_size > 0):
+        return False
+    return not (paths.checkpoints.is_dir() and any(paths.checkpoints.iterdir()))
+
+
 def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> RunPaths:
     """Check ``out`` can hold this run and return its paths.
 
@@ -72,6 +79,9 @@ def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
     * ``resume`` needs an existing run with a last checkpoint;
     * ``overwrite`` removes a previous run's files, but only from a folder that is a hiercls
       run (it has config.yaml): a user's other folder is never emptied;
+    * a hiercls run that stopped before it trained anything (no checkpoint, no metrics, e.g.
+      refused for bad images or a full disk) is started again without ``overwrite``: there is
+      nothing in it to lose;
     * otherwise a non-empty folder is refused.
     """
     paths = RunPaths(Path(out).expanduser().resolve())
@@ -87,7 +97,7 @@ def prepare_run_dir(out: str | Path, resume: bool = False, overwrite: bool = Fal
                 f"{root}: the run has no finished checkpoint to resume from; start it again with --overwrite"
             )
     elif non_empty:
-        if not overwrite:
+        if not overwrite and not _never_trained(paths):
             raise ConfigError(
                 f"{root}: run folder exists and is not empty; use --resume to continue it, "
                 "--overwrite to replace it, or choose another --out"
@@ -117,6 +127,25 @@ def check_writable(folder: Path) -> None:
         os.unlink(name)
     except OSError as exc:
         raise ConfigError(f"{folder}: cannot write to the run folder ({exc.strerror}); choose another --out") from None
+
+
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    """Fail before training when the run folder's disk cannot hold the checkpoints."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise ConfigError(
+            f"{folder}: only {free / 2**20:.0f} MiB free, but the checkpoints of this run need about "
+            f"{needed_bytes / 2**20:.0f} MiB; free some space or choose another --out"
+        )
+
+
+def checkpoint_bytes(model) -> int:
+    """Disk a run's checkpoints can take at once: best and last weights, the training state
+    (about two optimizer moments per parameter) and the ``.new`` copies of a two-phase save."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 2 * (2 * weights + 3 * weights) + 16 * 2**20
 
 
 # Options that may change when a run is resumed; everything else must stay as it was.

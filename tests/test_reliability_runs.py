@@ -229,6 +229,22 @@ def test_unwritable_output_is_reported_before_training(smears, tmp_path, capsys)
     assert not (tmp_path / "cache").exists()  # refused before any image was decoded
 
 
+def test_full_output_disk_is_reported_before_training(smears, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**20, 10 * 2**20 - 4096, 4096))
+    out = tmp_path / "run"
+    assert main(fit_args(smears, out)) == 2
+    err = capsys.readouterr().err
+    assert "MiB free" in err and "--out" in err and "Traceback" not in err
+    assert not (out / "metrics.jsonl").exists() and not list((out / "checkpoints").glob("*"))
+    monkeypatch.undo()  # space freed: the same command starts the run, no --overwrite needed
+    assert main(fit_args(smears, out)) == 0
+    assert (out / "checkpoints" / "last.json").is_file()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder; the file-path case covers it")
 def test_read_only_output_folder_is_reported_before_training(smears, tmp_path, capsys):
     parent = tmp_path / "locked"
