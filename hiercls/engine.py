@@ -322,6 +322,11 @@ def _wrap(module: torch.nn.Module, config: FitConfig, dist: _Dist, device: torch
 # -- validation ---------------------------------------------------------------------------
 
 
+def _leaf_accuracy(taxonomy: Taxonomy, true_nodes: list[str], predictions: list[str]) -> float | None:
+    pairs = [(p, t) for p, t in zip(predictions, true_nodes) if taxonomy.is_leaf(t)]
+    return float(np.mean([p == t for p, t in pairs])) if pairs else None
+
+
 def validation_metrics(taxonomy: Taxonomy, probs: NodeProbabilities, true_nodes: list[str], decode: str, threshold: float) -> dict[str, Any]:
     """Validation numbers for one epoch: loss, accuracy, hierarchical P/R/F, per-node accuracy.
 
@@ -333,7 +338,9 @@ def validation_metrics(taxonomy: Taxonomy, probs: NodeProbabilities, true_nodes:
     predictions = probs.decode(decode, threshold=threshold)
     out: dict[str, Any] = {
         "val_loss": float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean()),
-        "val_accuracy": float(np.mean([p == t for p, t in zip(predictions, true_nodes)])),
+        # Exact match on images labelled at a leaf, like `hiercls evaluate`'s accuracy: a partial
+        # label (an internal node) has no single right leaf; the hierarchical scores count it.
+        "val_accuracy": _leaf_accuracy(taxonomy, true_nodes, predictions),
     }
     try:
         from hiercls import metrics
@@ -566,14 +573,14 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
                 torch.manual_seed(seed)
                 order = torch.from_numpy(u.indices)[torch.randperm(len(u.indices), generator=generator)]
                 order = order.to(train_images.device, non_blocking=True)
-                step_losses = torch.zeros(max(1, u.steps_per_epoch), dtype=torch.float64, device=device)
+                step_losses = torch.zeros(max(1, u.steps_per_epoch), dtype=_loss_dtype(device), device=device)
                 skip = 0
                 if position and ui == first_unit:
                     skip = position["step"]
                     generator.set_state(position["generator"])
                     torch.set_rng_state(position["torch_rng"])
                     if position.get("step_losses") is not None:
-                        step_losses.copy_(position["step_losses"].to(torch.float64))
+                        step_losses.copy_(position["step_losses"].to(_loss_dtype(device)))
                 position = None
                 sizes = [min(config.batch_size, len(u.indices) - s * config.batch_size) for s in range(u.steps_per_epoch)]
                 model.train()
@@ -635,9 +642,11 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
                 improved = not has_val or (value is not None and _is_better(config.best_metric, value, best_metric))
                 if improved:
                     best_metric, best_epoch = value, epoch + 1
-                save_last(epoch + 1, record, {"epoch": epoch + 1, "unit": 0, "step": 0})
+                # best before last: a kill between the two must not leave last's state naming a
+                # best epoch whose weights were never written.
                 if improved:
                     save_checkpoint(paths.checkpoints, "best", model, metadata(epoch + 1, record))
+                save_last(epoch + 1, record, {"epoch": epoch + 1, "unit": 0, "step": 0})
                 _print_epoch(console, record, config.best_metric, improved and has_val)
             dist.barrier()  # the others wait for validation and checkpoints
     if dist.active:
@@ -715,7 +724,12 @@ def _train_step(u: _Unit, images: torch.Tensor, targets: torch.Tensor, batch_idx
             f"out of GPU memory at batch size {config.batch_size} ({u.name}); try --batch-size "
             f"{max(1, config.batch_size // 2)} or a smaller --img-size"
         ) from None
-    return loss.detach().to(torch.float64)
+    return loss.detach().to(_loss_dtype(device))
+
+
+def _loss_dtype(device: torch.device) -> torch.dtype:
+    """Step losses are summed in float64, except on Apple's MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _gather(images: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor, device: torch.device):
@@ -833,6 +847,8 @@ def _print_epoch(console: Console, record: dict[str, Any], best_name: str, impro
     losses = ", ".join(f"{k} {v:.4f}" for k, v in record["train_loss"].items() if v is not None)
     val = ""
     if "val_accuracy" in record:
-        val = f" | val acc {record['val_accuracy']:.3f} hF {record['val_hF']:.3f} loss {record['val_loss']:.4f}"
+        acc = record["val_accuracy"]
+        acc_text = "–" if acc is None else f"{acc:.3f}"
+        val = f" | val acc {acc_text} hF {record['val_hF']:.3f} loss {record['val_loss']:.4f}"
     star = f" [green]* best {best_name}[/]" if improved else ""
     console.print(f"epoch {record['epoch']}: train {losses}{val} ({record['images_per_second']} img/s){star}")

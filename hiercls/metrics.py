@@ -343,6 +343,8 @@ def auroc(
     nodes: dict[str, float | None] = {}
     node_children: dict[str, dict[str, float]] = {}
     for node in taxonomy.internal_nodes:
+        if len(taxonomy.children(node)) < 2:
+            continue  # a single child is certain given its parent: no decision to score
         rows = np.array(_decision_rows(paths, node, true_nodes), dtype=np.int64)
         per_child: dict[str, float] = {}
         missing: list[str] = []

@@ -304,3 +304,19 @@ def test_optimizer_kernels_follow_the_device():
     if torch.cuda.is_available():
         gpu = engine._optimizer(config, [torch.nn.Parameter(torch.zeros(2, device="cuda"))])
         assert gpu.defaults.get("fused") is True
+
+
+def test_validation_accuracy_scores_leaf_labels_only():
+    """A partial label has no single right leaf: it is left out of val_accuracy (not counted wrong)."""
+    from hiercls import load_taxonomy
+    from hiercls.engine import validation_metrics
+    from hiercls.probabilities import NodeProbabilities
+
+    tax = load_taxonomy(Path(__file__).resolve().parents[1] / "taxonomy" / "leukemia.yaml")
+    leaf_probs = np.full((2, len(tax.leaves)), 0.01)
+    leaf_probs[:, tax.leaves.index("AML")] = 1.0
+    probs = NodeProbabilities.from_leaf_probabilities(tax, leaf_probs / leaf_probs.sum(1, keepdims=True))
+    metrics = validation_metrics(tax, probs, ["AML", "Leukemia"], "greedy", 0.5)
+    assert metrics["val_accuracy"] == 1.0
+    metrics = validation_metrics(tax, probs, ["ALL", "Leukemia"], "greedy", 0.5)
+    assert metrics["val_accuracy"] == 0.0

@@ -79,7 +79,7 @@ def _list_timm(console: Console, pattern: str) -> int:
 def _plugins_table(infos) -> Table:
     table = Table(title="Plugins", title_justify="left")
     for column in ("plugin", "module", "distribution", "hooks"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for info in infos:
         dist = f"{info.distribution} {info.version or ''}".strip() if info.distribution else "built-in"
         hooks = ", ".join(info.hooks) if not info.error else f"[red]failed to load: {escape(info.error)}[/]"
@@ -90,7 +90,7 @@ def _plugins_table(infos) -> Table:
 def _backbones_table(registrations) -> Table:
     table = Table(title="Backbone providers", title_justify="left")
     table.add_column("name or prefix")
-    table.add_column("plugin")
+    table.add_column("plugin", overflow="fold")
     for reg in registrations:
         if reg.prefix:
             shown = f"{reg.name}*" if reg.name else "* (any timm model name)"
@@ -105,8 +105,8 @@ def _losses_table(registrations) -> Table:
 
     table = Table(title="Losses", title_justify="left")
     table.add_column("loss")
-    table.add_column("plugin")
-    table.add_column("options")
+    table.add_column("plugin", overflow="fold")
+    table.add_column("options", overflow="fold")
     for reg in registrations:
         options = loss_options(reg.factory)
         shown = "any (**options)" if options is None else (", ".join(_with_defaults(reg.factory, options)) or "-")
