@@ -144,3 +144,15 @@ def test_all_subtypes_has_40_exact_duplicate_sets(shared_data, capsys):
     assert ("WBC-Malignant-Pro-011.jpg", "WBC-Malignant-Pro-012.jpg") in pairs
     assert report.unreadable == [] and report.unknown_labels == {}
     assert report.counts_per_node["malignant"] == 788 + 770 + 643
+
+
+def test_audit_with_folds_prints_the_images_per_node_in_each_fold(capsys):
+    sample = Path(__file__).resolve().parents[1] / "examples" / "data" / "blood-cells-sample"
+    taxonomy = Path(__file__).resolve().parents[1] / "taxonomy" / "blood-cells.yaml"
+    assert main(["audit", "--taxonomy", str(taxonomy), "--data", str(sample), "--folds", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Images per node in each of 3 validation folds" in out
+    row = next(line for line in out.splitlines() if "segmented_neutrophil" in line and "│" in line and "fold" not in line
+               and line.count("│") >= 6)
+    counts = [int(c) for c in row.split("│")[2:-1] if c.strip()]
+    assert counts[0] == sum(counts[1:])  # the folds partition the node's images

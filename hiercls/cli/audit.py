@@ -12,7 +12,7 @@ from rich.table import Table
 from hiercls.cli import add_command
 from hiercls.data.audit import DEFAULT_NEAR_THRESHOLD, AuditReport, audit
 from hiercls.data.dataset import load_images, write_manifest
-from hiercls.data.splits import group_warning, grouped_kfold
+from hiercls.data.splits import group_warning, grouped_kfold, split_count_table
 from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import load_taxonomy
 
@@ -54,7 +54,8 @@ def register(subparsers) -> None:
         help=f"near duplicates differ in at most BITS of 64 perceptual-hash bits "
              f"(default: {DEFAULT_NEAR_THRESHOLD}; -1: off)")
     add("--folds", type=int, metavar="K",
-        help="also report duplicate sets whose copies fall in different folds of a grouped K-fold split")
+        help="also show the images per node in each fold of a grouped K-fold split, and duplicate sets "
+             "whose copies fall in different folds")
     add("--seed", type=int, default=0, help="seed of the --folds split (default: 0)")
     add("--write-manifest", type=Path, metavar="OUT.csv",
         help="write a manifest path,label[,group] without the flagged images")
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     )
     console = Console()
     print_report(report, console)
+    if splits is not None:
+        console.print(split_count_table(table, taxonomy, splits))
     warning = group_warning(table)
     if warning and args.folds:
         console.print(f"[yellow]warning[/]: {warning}")
