@@ -59,6 +59,19 @@ def write_image(
     return path
 
 
+def write_smears(root: Path, labels, per_label: int, seed: int, suffix: str = ".jpg") -> Path:
+    """Tiny 16px "smears": a folder per label, files ``slideK_LABEL`` (K = slide, a group)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for li, label in enumerate(labels):
+        (root / label).mkdir(parents=True)
+        for k in range(per_label):
+            pixels = np.clip(np.array([30.0 * li, 200 - 20 * li, 120]) + rng.normal(0, 15, (16, 16, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / label / f"slide{k}_{label}{suffix}")
+    return root
+
+
 @pytest.fixture
 def make_image() -> Callable[..., Path]:
     """``make_image(path, size=(24, 24), seed=0, image=None, **save_kwargs) -> Path``."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_smears  # noqa: E402
 
 from hiercls.cli import main
 from hiercls.probabilities import NodeProbabilities
@@ -21,16 +22,7 @@ LABELS = ("Normal", "Reactive", "ALL", "AML", "APML", "CLL", "CML", "Acute")
 
 @pytest.fixture(scope="module")
 def smears(tmp_path_factory) -> Path:
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("cli") / "data"
-    rng = np.random.default_rng(1)
-    for li, label in enumerate(LABELS):
-        (root / label).mkdir(parents=True)
-        for k in range(3):
-            pixels = np.clip(np.array([30.0 * li, 200 - 20 * li, 120]) + rng.normal(0, 15, (16, 16, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / label / f"slide{k}_{label}.jpg")
-    return root
+    return write_smears(tmp_path_factory.mktemp("cli") / "data", LABELS, per_label=3, seed=1)
 
 
 def fit_args(smears: Path, out: Path, *extra: str) -> list[str]:

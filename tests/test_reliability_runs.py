@@ -17,10 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from hiercls.cli import main
 from hiercls.errors import HierclsError
@@ -47,17 +45,13 @@ torch.optim.AdamW.step = _slow_step
 """
 
 
+from conftest import write_smears  # noqa: E402
+
+
 @pytest.fixture(scope="module")
 def smears(tmp_path_factory) -> Path:
     """4 leukemia labels x 4 slides of 16px PNGs named slideK_LABEL.png (16 images)."""
-    root = tmp_path_factory.mktemp("smears") / "data"
-    rng = np.random.default_rng(5)
-    for li, label in enumerate(LABELS):
-        (root / label).mkdir(parents=True)
-        for k in range(4):
-            pixels = np.clip(np.array([30.0 * li, 200 - 20 * li, 120]) + rng.normal(0, 15, (16, 16, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / label / f"slide{k}_{label}.png")
-    return root
+    return write_smears(tmp_path_factory.mktemp("smears") / "data", LABELS, per_label=4, seed=5, suffix=".png")
 
 
 def fit_args(data: Path, out: Path, *extra: str) -> list[str]:
