@@ -260,10 +260,31 @@ def test_joint_loss_is_the_weighted_sum_of_head_losses(leukemia):
     expected = sum(weights[leukemia.depth(node)] * value for node, value in logs.items())
     assert total.item() == pytest.approx(float(expected), rel=1e-6)
     assert set(logs) == set(leukemia.internal_nodes)
-    # Acute head: only ALL and APML rows (the partial label 'Acute' is skipped there)
+    # Acute head: only ALL and APML rows (the partial label 'Acute' is skipped there); by default
+    # its loss is summed over those rows and divided by the 5 labelled images of the batch.
     logits = outputs["Acute"]
-    manual = torch.nn.functional.cross_entropy(logits[[0, 4]], torch.tensor([0, 2]))
+    manual = torch.nn.functional.cross_entropy(logits[[0, 4]], torch.tensor([0, 2]), reduction="sum") / 5
     assert logs["Acute"].item() == pytest.approx(manual.item(), rel=1e-5)
+    # head_reduction="head": the mean over the head's own rows instead.
+    unit = build("joint", leukemia, options={"head_reduction": "head"}).training_units()[0]
+    outputs = unit.module(images(5))
+    _, logs = unit.compute_loss(outputs, labels_of(leukemia, names))
+    manual = torch.nn.functional.cross_entropy(outputs["Acute"][[0, 4]], torch.tensor([0, 2]))
+    assert logs["Acute"].item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_joint_loss_with_images_reduction_is_the_label_log_likelihood(leukemia):
+    """Cross-entropy heads, default reduction: total = mean over images of -log P(label)."""
+    names = ["ALL", "CLL", "Normal", "Acute", "APML", "Reactive"]
+    model = build("joint", leukemia)
+    unit = model.training_units()[0]
+    x = images(len(names))
+    total, _ = unit.compute_loss(unit.module(x), labels_of(leukemia, names))
+    with torch.no_grad():
+        marginals = model.node_marginals(x)
+    idx = torch.as_tensor([leukemia.index[n] for n in names])
+    expected = -torch.log(marginals[torch.arange(len(names)), idx]).mean()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_each_decision_receives_its_class_counts(leukemia, monkeypatch):

@@ -34,7 +34,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "feed_parent": True,
     "level_weights": None,
     "dropout": 0.0,
+    "head_reduction": "images",
 }
+HEAD_REDUCTIONS = ("images", "head")
 
 
 @dataclass(eq=False, kw_only=True)
@@ -44,20 +46,36 @@ class JointUnit(LossUnit):
     decisions: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
     root_index: int = 0
+    head_reduction: str = "images"
     tables: tree_ops.DeviceCache | None = None
 
     def sample_mask(self, label_indices: np.ndarray) -> np.ndarray:
         return labelled_rows(label_indices, self.root_index)
 
     def head_losses(self, outputs: dict[str, Tensor], label_indices: Tensor) -> dict[str, Tensor]:
-        """Each head's mean loss over its own rows of the batch (attached to the graph, unweighted)."""
+        """Each head's loss on its own rows of the batch (attached to the graph, unweighted).
+
+        ``head_reduction="head"``: the mean over the head's rows, so a head with 3 rows of a
+        batch weighs as much as the root with all of them. ``"images"`` (default): the sum over
+        the head's rows divided by the batch's labelled images, so the total is the mean over
+        images of the summed losses along each image's path: for cross-entropy, the negative
+        log-likelihood of its label under the product of the heads' conditionals. Every image
+        then counts once, as in the flat model, and rare deep decisions do not dominate the
+        backbone's gradient.
+        """
         device = outputs[self.decisions[0]].device
+        labels = label_indices.to(device).long()
         table = self.tables.on(device)["targets"]  # [num_decisions, num_nodes]
-        targets = table[:, label_indices.to(device).long().clamp(min=0)]  # [num_decisions, B]
+        targets = table[:, labels.clamp(min=0)]  # [num_decisions, B]
         losses = self.losses_on(device)
-        return {
+        per_head = {
             node: decision_loss(losses[k], outputs[node], targets[k]) for k, node in enumerate(self.decisions)
         }
+        if self.head_reduction == "images":
+            labelled = ((labels >= 0) & (labels != self.root_index)).sum().clamp(min=1)
+            rows = (targets >= 0).sum(dim=1)  # [num_decisions]
+            per_head = {node: per_head[node] * (rows[k] / labelled) for k, node in enumerate(self.decisions)}
+        return per_head
 
     def compute_loss(
         self, outputs: dict[str, Tensor], label_indices: Tensor
@@ -101,6 +119,11 @@ def build(
         raise ConfigError(
             f"strategy option 'feed_parent' must be true or false, got {options['feed_parent']!r}"
         )
+    if options["head_reduction"] not in HEAD_REDUCTIONS:
+        raise ConfigError(
+            f"strategy option 'head_reduction' must be one of {', '.join(HEAD_REDUCTIONS)}, "
+            f"got {options['head_reduction']!r}"
+        )
     level_weights = _level_weights(options["level_weights"], taxonomy.max_depth)
     decisions = tree_ops.decision_nodes(taxonomy)
     network = JointNetwork(
@@ -122,6 +145,7 @@ def build(
         decisions=decisions,
         weights=tuple(level_weights[taxonomy.depth(node)] for node in decisions),
         root_index=taxonomy.index[taxonomy.root],
+        head_reduction=options["head_reduction"],
         tables=tree_ops.DeviceCache(
             targets=torch.stack([tree_ops.child_target_table(taxonomy, node) for node in decisions])
         ),
