@@ -1,6 +1,12 @@
 """hiercls: hierarchical image classification on any label tree and any timm backbone."""
 
-from hiercls.errors import CheckpointError, ConfigError, DataError, HierclsError, TaxonomyError
+from hiercls.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    HierclsError,
+    TaxonomyError,
+)
 from hiercls.probabilities import NodeProbabilities
 from hiercls.taxonomy import Taxonomy, load_taxonomy
 

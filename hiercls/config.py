@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hiercls.errors import ConfigError
+from hiercls.io import read_user_text, yaml_error_message
 
 __all__ = ["AugmentConfig", "FitConfig", "load_config", "read_config_file", "PATH_OPTIONS"]
 
@@ -150,18 +158,11 @@ class FitConfig(BaseModel):
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """The options of a YAML config file as a dict, with its relative paths made absolute."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    text = read_user_text(path, "config file", ConfigError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}") from None
+        raise ConfigError(yaml_error_message(path, exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

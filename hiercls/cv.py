@@ -25,13 +25,20 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 from rich.console import Console
 from rich.table import Table
 
-from hiercls.io import atomic_write_json, atomic_write_text, json_ready
 from hiercls.config import FitConfig, check_regex, read_config_file
 from hiercls.errors import CheckpointError, ConfigError, DataError
+from hiercls.io import atomic_write_json, atomic_write_text, json_ready
 
 __all__ = [
     "CVConfig",

@@ -18,6 +18,26 @@ from typing import Any
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
 
 
+def read_user_text(path: str | Path, what: str, error: type[Exception], encoding: str = "utf-8") -> str:
+    """The text of a file the user named; a missing or unreadable file raises ``error``
+    with a one-line message naming the file and what it was meant to be (``what``)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding=encoding)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read {what} ({exc})") from None
+
+
+def yaml_error_message(path: str | Path, exc: Exception) -> str:
+    """``FILE:LINE:COLUMN: YAML syntax error: PROBLEM`` for a PyYAML parse error."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{where}: YAML syntax error: {problem}"
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call ``write(file_object)`` on a temporary file next to ``path``, then move it into place."""
     path = Path(path)

@@ -167,7 +167,9 @@ def macro_f1(taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence
         return None
     y_true = [t for t, m in zip(true_nodes, mask) if m]
     y_pred = [p for p, m in zip(pred_nodes, mask) if m]
-    from sklearn.metrics import f1_score  # imported here: scikit-learn is slow to import
+    from sklearn.metrics import (
+        f1_score,  # imported here: scikit-learn is slow to import
+    )
 
     present = set(y_true) | set(y_pred)
     labels = [leaf for leaf in taxonomy.leaves if leaf in present]
@@ -300,7 +302,9 @@ def leaf_confusion_matrix(taxonomy: Taxonomy, true_nodes: Sequence[str], pred_no
 
 
 def _binary_auroc(y: np.ndarray, score: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score  # imported here: scikit-learn is slow to import
+    from sklearn.metrics import (
+        roc_auc_score,  # imported here: scikit-learn is slow to import
+    )
 
     if y.size == 0 or y.all() or not y.any():
         return None

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hiercls.io import atomic_write_text
 from hiercls.errors import DataError
+from hiercls.io import atomic_write_text, read_user_text
 from hiercls.probabilities import NodeProbabilities
 from hiercls.taxonomy import Taxonomy
 
@@ -133,12 +133,7 @@ def read_predictions_csv(path: str | Path, taxonomy: Taxonomy) -> PredictionSet:
     does not sum to 1, by more than 1e-3).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: predictions file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read predictions file ({exc})") from None
+    text = read_user_text(path, "predictions file", DataError, encoding="utf-8-sig")
 
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)

@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from hiercls.errors import DataError, TaxonomyError
+from hiercls.io import read_user_text, yaml_error_message
 
 __all__ = ["NodeSpec", "Taxonomy", "TaxonomySpec", "TaxonomyWarning", "UnknownNodeError", "load_taxonomy"]
 
@@ -189,19 +190,11 @@ def load_taxonomy(path: str | Path) -> Taxonomy:
     known) for syntax errors, unknown keys, duplicate names, clashing aliases and empty trees.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TaxonomyError(f"{path}: taxonomy file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TaxonomyError(f"{path}: cannot read taxonomy file ({exc})") from None
+    text = read_user_text(path, "taxonomy file", TaxonomyError)
     try:
         data = yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise TaxonomyError(f"{where}: YAML syntax error: {problem}") from None
+        raise TaxonomyError(yaml_error_message(path, exc)) from None
     taxonomy = Taxonomy.from_dict(data, source=str(path))
     if not taxonomy.name:
         taxonomy.name = path.stem

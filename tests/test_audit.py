@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_image
 from PIL import Image, ImageEnhance
 
-from conftest import write_image
 from hiercls.cli import main
 from hiercls.data import audit, grouped_kfold, load_images
 from hiercls.data.audit import near_duplicate_pairs

@@ -75,10 +75,19 @@ def test_weights_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_tied_weights_can_be_saved(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
-    model[1].weight = model[0].weight
-    save_weights(tmp_path / "tied.safetensors", model)
-    load_weights(tmp_path / "tied.safetensors", model)
+    def tied_model(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+        model[1].weight = model[0].weight
+        return model
+
+    source, target = tied_model(0), tied_model(1)
+    assert not torch.equal(source[0].weight, target[0].weight)
+    save_weights(tmp_path / "tied.safetensors", source)
+    load_weights(tmp_path / "tied.safetensors", target)
+    for name, value in source.state_dict().items():
+        assert torch.equal(value, target.state_dict()[name])
+    assert target[1].weight is target[0].weight  # the tie survives loading
 
 
 def test_weights_of_another_model_are_refused(tmp_path):

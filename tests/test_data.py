@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_DATA, write_image
 from PIL import Image
 
-from conftest import SAMPLE_DATA, write_image
 from hiercls.data import ImageTable, load_images, open_rgb
 from hiercls.data.dataset import write_manifest
 from hiercls.errors import ConfigError, DataError

@@ -12,7 +12,13 @@ from torch import nn
 
 from hiercls.cli import main
 from hiercls.errors import ConfigError
-from hiercls.explain import LevelCam, activation_to_cam, decision_path, gradcam_per_level, render_panel
+from hiercls.explain import (
+    LevelCam,
+    activation_to_cam,
+    decision_path,
+    gradcam_per_level,
+    render_panel,
+)
 from hiercls.models.backbone import set_backbone_attributes
 from hiercls.strategies import build_strategy
 from hiercls.taxonomy import load_taxonomy

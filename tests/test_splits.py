@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from hiercls.data import ImageTable, group_warning, grouped_kfold, grouped_train_val_split, split_count_table
+from hiercls.data import (
+    ImageTable,
+    group_warning,
+    grouped_kfold,
+    grouped_train_val_split,
+    split_count_table,
+)
 from hiercls.errors import ConfigError, DataError
 
 

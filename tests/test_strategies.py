@@ -11,7 +11,12 @@ from torch import nn
 
 from hiercls.errors import ConfigError
 from hiercls.probabilities import NodeProbabilities
-from hiercls.strategies import STRATEGIES, HierarchicalClassifier, build_strategy, strategy_options
+from hiercls.strategies import (
+    STRATEGIES,
+    HierarchicalClassifier,
+    build_strategy,
+    strategy_options,
+)
 from hiercls.taxonomy import Taxonomy, load_taxonomy
 
 TAXONOMY_DIR = Path(__file__).resolve().parents[1] / "taxonomy"

@@ -94,7 +94,13 @@ def panel_names(images: list[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from hiercls.augment import normalize
     from hiercls.data.cache import decode_resized

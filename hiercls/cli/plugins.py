@@ -49,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
         return _list_timm(console, args.list_timm)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from hiercls.plugins import backbone_registrations, loss_registrations, plugin_infos
+        from hiercls.plugins import (
+            backbone_registrations,
+            loss_registrations,
+            plugin_infos,
+        )
 
         show_all = not (args.backbones or args.losses)
         if show_all:

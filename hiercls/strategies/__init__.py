@@ -22,7 +22,11 @@ from torch import nn
 from hiercls.errors import ConfigError
 from hiercls.models import tree_ops
 from hiercls.strategies import flat, joint, per_level, per_node
-from hiercls.strategies.base import HierarchicalClassifier, TrainingUnit, validate_options
+from hiercls.strategies.base import (
+    HierarchicalClassifier,
+    TrainingUnit,
+    validate_options,
+)
 from hiercls.taxonomy import Taxonomy
 
 __all__ = ["STRATEGIES", "build_strategy", "HierarchicalClassifier", "TrainingUnit", "strategy_options"]

@@ -16,7 +16,13 @@ from torch import Tensor
 
 from hiercls.models import tree_ops
 from hiercls.models.heads import BackboneClassifier
-from hiercls.strategies.base import BackboneFactory, LossFactory, LossUnit, TrainingUnit, labelled_rows
+from hiercls.strategies.base import (
+    BackboneFactory,
+    LossFactory,
+    LossUnit,
+    TrainingUnit,
+    labelled_rows,
+)
 from hiercls.taxonomy import Taxonomy
 
 DEFAULT_OPTIONS: dict[str, Any] = {"dropout": 0.0}

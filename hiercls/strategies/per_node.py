@@ -16,7 +16,12 @@ from torch import Tensor
 
 from hiercls.models import tree_ops
 from hiercls.models.heads import BackboneClassifier
-from hiercls.strategies.base import BackboneFactory, LossFactory, TargetTableUnit, TrainingUnit
+from hiercls.strategies.base import (
+    BackboneFactory,
+    LossFactory,
+    TargetTableUnit,
+    TrainingUnit,
+)
 from hiercls.taxonomy import Taxonomy
 
 DEFAULT_OPTIONS: dict[str, Any] = {"dropout": 0.0}
