@@ -640,11 +640,8 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
                 _append_metrics(paths, record)
                 value = record.get(config.best_metric)
                 improved = not has_val or (value is not None and _is_better(config.best_metric, value, best_metric))
-                if improved:
+                if improved:  # best before last: last's state must never name unwritten best weights
                     best_metric, best_epoch = value, epoch + 1
-                # best before last: a kill between the two must not leave last's state naming a
-                # best epoch whose weights were never written.
-                if improved:
                     save_checkpoint(paths.checkpoints, "best", model, metadata(epoch + 1, record))
                 save_last(epoch + 1, record, {"epoch": epoch + 1, "unit": 0, "step": 0})
                 _print_epoch(console, record, config.best_metric, improved and has_val)
