@@ -63,7 +63,12 @@ def _constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
 
 
 def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A small CPU tensor of random parameters moved to ``like``'s device without a sync."""
+    """A small CPU tensor of random parameters moved to ``like``'s device without a sync.
+
+    The copy starts from pinned memory: from pageable memory CUDA may wait for the stream.
+    """
+    if like.device.type == "cuda":
+        t = t.to(like.dtype).pin_memory()
     return t.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
 
@@ -103,7 +108,7 @@ class BatchAugment:
         b, _, h, w = x.shape
         drawn = b if rows is None else int(global_size)
         theta = self._affine(drawn, square=(h == w), generator=generator)
-        identity = torch.equal(theta, _identity(drawn))
+        identity = self._is_identity(square=(h == w))
         jitter = self._jitter_factors(drawn, generator) if self.config.color_jitter > 0 else None
         if rows is not None:
             theta = theta[rows]
@@ -116,6 +121,21 @@ class BatchAugment:
         return _standardize(x, self.mean, self.std, self.channels_last)
 
     # -- geometry ------------------------------------------------------------------------
+
+    def _is_identity(self, square: bool) -> bool:
+        """Whether the configuration allows no geometric change at all (then no resampling).
+
+        Decided from the configuration, not from the drawn parameters: every batch then runs
+        the same kernels, and nothing waits on a comparison of tensors.
+        """
+        cfg = self.config
+        return (
+            tuple(cfg.crop_scale) == (1.0, 1.0)
+            and tuple(cfg.crop_ratio) == (1.0, 1.0)
+            and not cfg.hflip
+            and not cfg.vflip
+            and not (cfg.rot90 and square)
+        )
 
     def _affine(self, b: int, square: bool, generator: torch.Generator | None) -> torch.Tensor:
         """``[B, 2, 3]`` output->input maps: crop scale/offset composed with flips and rot90."""
@@ -168,9 +188,3 @@ class BatchAugment:
         x = (x - gray) * saturation + gray
         return x.clamp_(0.0, 1.0)
 
-
-def _identity(b: int) -> torch.Tensor:
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = 1
-    theta[:, 1, 1] = 1
-    return theta

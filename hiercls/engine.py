@@ -197,12 +197,18 @@ def _scheduler(config: FitConfig, optimizer, steps_per_epoch: int) -> torch.opti
 
 
 def _batches(n: int, batch_size: int, min_last: int = 2) -> int:
-    """Number of batches per epoch; a trailing batch smaller than ``min_last`` is dropped.
+    """Number of batches per epoch: full batches only, as timm trains.
 
-    One process needs 2 images (BatchNorm); N processes need 2 each (``min_last = 2 N``).
+    Every step then has the same shape, so a compiled model never meets a second batch size
+    (which would cost a recompilation, or a slower dynamic-shape graph); each epoch draws a
+    new order, so the images left over differ from epoch to epoch. A unit with fewer images
+    than one batch trains on all of them in one step, if there are at least ``min_last``
+    (BatchNorm needs 2 per process: ``min_last = 2 N`` under N processes).
     """
-    full, rest = divmod(n, batch_size)
-    return full + (1 if rest >= min_last else 0)
+    full = n // batch_size
+    if full:
+        return full
+    return 1 if n >= min_last else 0
 
 
 def _epoch_seed(seed: int, epoch: int, unit: int) -> int:
@@ -315,8 +321,24 @@ def _wrap(module: torch.nn.Module, config: FitConfig, dist: _Dist, device: torch
             module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
         )
     if config.compile:
-        forward = torch.compile(forward)
+        # Static shapes: a batch of another size compiles a second static graph instead of a
+        # dynamic-shape one that would then serve (more slowly) every later batch.
+        forward = torch.compile(forward, dynamic=False)
     return forward
+
+
+def _allow_compiled_graphs(count: int) -> None:
+    """Let dynamo keep ``count`` graphs per function before it falls back to eager.
+
+    per_node / per_level units are instances of one module class, so their compiled graphs
+    (one per head shape and batch size) share one code object and its recompile limit
+    (8 by default): a tree with many internal nodes would otherwise leave units uncompiled.
+    The limit is process-wide and is only ever raised.
+    """
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name) < count:
+        setattr(config, name, count)
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -482,6 +504,8 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
         model = model.to(memory_format=torch.channels_last)
 
     units: list[_Unit] = []
+    if config.compile:
+        _allow_compiled_graphs(2 * len(model.training_units()) + 2)
     for unit in model.training_units():
         indices = np.where(unit.sample_mask(train_labels))[0]
         steps = _batches(len(indices), config.batch_size, min_last=2 * dist.world)

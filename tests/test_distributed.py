@@ -121,8 +121,8 @@ def test_shards_are_disjoint_and_cover_the_batch():
         rows = [_shard_rows(size, _Dist(world=2, rank=r)).tolist() for r in range(2)]
         assert sorted(rows[0] + rows[1]) == list(range(size)) and not set(rows[0]) & set(rows[1])
     assert _shard_rows(8, _Dist()) is None
-    # a trailing batch too small to give each of 2 processes 2 images is dropped
-    assert _batches(19, 8, min_last=4) == 2 and _batches(20, 8, min_last=4) == 3
+    # a unit smaller than one global batch trains only if each of 2 processes gets 2 images
+    assert _batches(4, 8, min_last=4) == 1 and _batches(3, 8, min_last=4) == 0
 
 
 def test_sharded_augmentation_equals_the_whole_batch():

@@ -121,11 +121,19 @@ def test_colour_jitter_changes_colour_within_range():
 # -- schedules ---------------------------------------------------------------------------
 
 
-def test_batches_never_end_with_a_single_image():
-    assert engine._batches(17, 8) == 2  # 8 + 8, the 17th image waits for the next epoch
-    assert engine._batches(18, 8) == 3
-    assert engine._batches(1, 8) == 0
+def test_epochs_take_full_batches_only():
+    # one batch shape per unit: a compiled model never sees a second size
+    assert engine._batches(17, 8) == 2  # 8 + 8; the leftover image is another one next epoch
+    assert engine._batches(23, 8) == 2
+    assert engine._batches(24, 8) == 3
+
+
+def test_a_unit_smaller_than_one_batch_trains_on_all_its_images():
+    assert engine._batches(5, 8) == 1
+    assert engine._batches(2, 8) == 1
+    assert engine._batches(1, 8) == 0  # BatchNorm needs two images
     assert engine._batches(0, 8) == 0
+    assert engine._batches(3, 8, min_last=4) == 0  # two processes need two images each
 
 
 def test_cosine_schedule_with_warmup(tmp_path):

@@ -229,7 +229,9 @@ def target_mask_from_index(targets: Tensor, num_classes: int) -> tuple[Tensor, T
     those rows out (``masked_mean``).
     """
     valid = targets >= 0
-    one_hot = torch.nn.functional.one_hot(targets.clamp(min=0), num_classes).bool()
+    # a comparison, not F.one_hot: one_hot checks the targets' range with a host sync on CPU
+    classes = torch.arange(num_classes, device=targets.device)
+    one_hot = targets.unsqueeze(1) == classes
     return one_hot | ~valid.unsqueeze(1), valid
 
 
