@@ -62,14 +62,15 @@ def _constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A small CPU tensor of random parameters moved to ``like``'s device without a sync.
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor of random parameters as float32 on ``device``, without a sync.
 
     The copy starts from pinned memory: from pageable memory CUDA may wait for the stream.
     """
-    if like.device.type == "cuda":
-        t = t.to(like.dtype).pin_memory()
-    return t.to(device=like.device, dtype=like.dtype, non_blocking=True)
+    t = t.float()
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _standardize(x: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
@@ -90,11 +91,15 @@ class BatchAugment:
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
         channels_last: bool = False,
+        compile: bool = False,
     ):
         self.config = config or AugmentConfig()
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.channels_last = channels_last
+        # Compiled, the ~20 elementwise passes over the batch (resampling, jitter,
+        # normalisation) fuse into a few kernels; shapes are static (full batches).
+        self._transform = torch.compile(self._apply, dynamic=False) if compile else self._apply
 
     def __call__(
         self,
@@ -104,21 +109,44 @@ class BatchAugment:
         global_size: int | None = None,
     ) -> torch.Tensor:
         """Augment ``batch``; with ``rows`` it is those rows of a batch of ``global_size`` images."""
-        x = to_float_nchw(batch)
-        b, _, h, w = x.shape
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected a uint8 batch [B, H, W, 3], got {tuple(batch.shape)} {batch.dtype}")
+        b, h, w, _ = batch.shape
         drawn = b if rows is None else int(global_size)
         theta = self._affine(drawn, square=(h == w), generator=generator)
-        identity = self._is_identity(square=(h == w))
         jitter = self._jitter_factors(drawn, generator) if self.config.color_jitter > 0 else None
         if rows is not None:
             theta = theta[rows]
             jitter = None if jitter is None else jitter[:, rows]
-        if not identity:
-            grid = F.affine_grid(_to(theta, x), list(x.shape), align_corners=False)
+        device = batch.device
+        reference = torch.empty(0, device=device)
+        return self._transform(
+            batch,
+            None if self._is_identity(square=(h == w)) else _to_device(theta, device),
+            None if jitter is None else _to_device(jitter, device),
+            _constant(self.mean, reference),
+            _constant(self.std, reference),
+            _constant(_GRAY, reference),
+        )
+
+    def _apply(
+        self,
+        batch: torch.Tensor,
+        theta: torch.Tensor | None,
+        jitter: torch.Tensor | None,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        gray_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """The device part: uint8 NHWC -> resampled, jittered, normalised float NCHW."""
+        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        if theta is not None:
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         if jitter is not None:
-            x = self._jitter(x, _to(jitter, x))
-        return _standardize(x, self.mean, self.std, self.channels_last)
+            x = _jitter(x, jitter, gray_weights)
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
     # -- geometry ------------------------------------------------------------------------
 
@@ -177,14 +205,14 @@ class BatchAugment:
         s = self.config.color_jitter
         return torch.stack([1 + s * (2 * torch.rand(b, generator=generator) - 1) for _ in range(3)])
 
-    def _jitter(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        brightness, contrast, saturation = (f.view(b, 1, 1, 1) for f in factors)
-        weights = _constant(_GRAY, x)
-        x = x * brightness
-        gray = (x * weights).sum(1, keepdim=True)
-        x = (x - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)
-        gray = (x * weights).sum(1, keepdim=True)
-        x = (x - gray) * saturation + gray
-        return x.clamp_(0.0, 1.0)
 
+def _jitter(x: torch.Tensor, factors: torch.Tensor, gray_weights: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation per image (``factors`` ``[3, B]``), clamped to [0, 1]."""
+    b = x.shape[0]
+    brightness, contrast, saturation = (f.view(b, 1, 1, 1) for f in factors)
+    x = x * brightness
+    gray = (x * gray_weights).sum(1, keepdim=True)
+    x = (x - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)
+    gray = (x * gray_weights).sum(1, keepdim=True)
+    x = (x - gray) * saturation + gray
+    return x.clamp_(0.0, 1.0)

@@ -535,7 +535,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
     if train_images.device.type == "cuda":
         train_targets = train_targets.to(device)
     mean, std = normalization_stats(model)
-    augment = BatchAugment(config.augment, mean, std, channels_last)
+    augment = BatchAugment(config.augment, mean, std, channels_last, compile=config.compile)
     val_true = [table.labels[i] for i in prepared.val_idx]
 
     def metadata(epoch: int, metrics: dict[str, Any], partial: bool = False) -> dict[str, Any]:

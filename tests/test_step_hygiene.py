@@ -163,7 +163,8 @@ def compiled_graphs(smears: Path, out: Path, strategy: str) -> tuple[list[int], 
 def test_compiled_joint_model_is_one_graph(smears, tmp_path):
     after_epoch, breaks = compiled_graphs(smears, tmp_path / "run", "joint")
     assert breaks == {}, f"graph breaks in the joint model: {breaks}"
-    assert after_epoch == [1, 1], f"graphs after each epoch: {after_epoch} (a second batch shape recompiled?)"
+    # the augmentation's graph and the model's, both built in the first steps and never again
+    assert after_epoch == [2, 2], f"graphs after each epoch: {after_epoch} (a second batch shape recompiled?)"
 
 
 @needs_compiler
@@ -174,7 +175,26 @@ def test_compiled_per_node_units_share_graphs_and_never_recompile(smears, tmp_pa
     after_epoch, breaks = compiled_graphs(smears, tmp_path / "run", "per_node")
     assert breaks == {}
     assert after_epoch[1] == after_epoch[0], f"recompiled in epoch 2: {after_epoch}"
-    # at most one graph per unit; units with the same head size and batch size share one
+    # at most one graph per unit (units with the same head size and batch size share one),
+    # and one per batch size for the augmentation
     units = build_model(make_config(smears, tmp_path / "x", strategy="per_node"),
                         load_taxonomy(make_config(smears, tmp_path / "x").taxonomy), None).training_units()
-    assert 1 <= after_epoch[0] <= len(units)
+    assert 2 <= after_epoch[0] <= 2 * len(units)
+
+
+@needs_compiler
+def test_compiled_augmentation_equals_eager():
+    from hiercls.augment import BatchAugment
+    from hiercls.config import AugmentConfig
+
+    images = torch.randint(0, 256, (6, 20, 20, 3), dtype=torch.uint8)
+    config = AugmentConfig(color_jitter=0.3)
+    eager = BatchAugment(config, channels_last=True)(images, torch.Generator().manual_seed(3))
+    compiled = BatchAugment(config, channels_last=True, compile=True)
+    out = compiled(images, torch.Generator().manual_seed(3))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+    # the same shapes again: the compiled graph is reused, not rebuilt
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled(images, torch.Generator().manual_seed(4))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
