@@ -100,6 +100,8 @@ class FitConfig(BaseModel):
     val_fraction: float | None = Field(None, ge=0, lt=1)
     fold: int | None = Field(None, ge=0)
     folds: int | None = Field(None, ge=2)
+    # Validate after every N-th epoch and always after the last one (best checkpoint: among those).
+    val_every: int = Field(1, ge=1)
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"

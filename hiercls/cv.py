@@ -187,6 +187,9 @@ class CVConfig(BaseModel):
     def fit_config(self, strategy: str, backbone: str, fold: int) -> FitConfig:
         """The ``FitConfig`` of one cell: the shared ``fit:`` options plus what the grid sets."""
         options = {k: v for k, v in self.fit.items() if k != "pretrained"}
+        # The tables score each cell's last checkpoint, so validating every epoch would only
+        # draw learning curves; by default a cell validates once, after its last epoch.
+        options.setdefault("val_every", options.get("epochs", FitConfig.model_fields["epochs"].default))
         pretrained = self.pretrained_for(backbone)
         if "strategy_options" in options:
             options["strategy_options"] = self.strategy_options_for(strategy)

@@ -652,7 +652,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
                 "seconds": round(seconds, 3),
                 "images_per_second": round(images_seen / seconds, 1) if seconds > 0 else None,
             }
-            if val_images is not None:
+            if val_images is not None and _validates(config, epoch):
                 cond = _guard_oom(lambda: predict_conditionals(
                     model, val_images, batch_size=2 * config.batch_size, device=device, precision=config.precision,
                     channels_last=channels_last, progress=progress, description="validating", console=console,
@@ -675,6 +675,12 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
         torch.distributed.broadcast_object_list(shared, src=0)
         best_epoch, best_metric, last_metrics = shared
     return RunResult(paths.root, config.epochs, best_epoch, config.best_metric, best_metric, last_metrics, False)
+
+
+def _validates(config: FitConfig, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) ends with validation: every ``val_every``-th, and the last."""
+    done = epoch + 1
+    return done % config.val_every == 0 or done == config.epochs
 
 
 def _shard_rows(size: int, dist: _Dist) -> torch.Tensor | None:

@@ -41,6 +41,7 @@ def test_bench_reports_every_figure(tmp_path, capsys):
     assert hours["per_node"] > hours["flat"] > 0
     assert hours["total"] == pytest.approx(hours["flat"] + hours["joint"] + hours["per_node"])
     assert json.loads(out.read_text())["train_ratio"] == pytest.approx(results["train_ratio"])
+    assert results["cv_bound_hours"] < hours["total"] * 1.5  # same passes, raw speed
     printed = capsys.readouterr().out
     for row in ("raw timm training", "hiercls fit (joint)", "raw timm inference", "hiercls predict_table", "CV grid"):
         assert row in printed
@@ -49,9 +50,12 @@ def test_bench_reports_every_figure(tmp_path, capsys):
 def test_cv_extrapolation_follows_the_formula():
     bench = load_bench()
     hours = bench.cv_grid_hours(train_rate=100.0, infer_rate=400.0)
-    flat = 5 * 80 * (2970 / 100.0 + 742 / 400.0) / 3600
-    per_node = 5 * 80 * (2970 * 2.4 / 100.0 + 742 * 4 / 400.0) / 3600
+    flat = 5 * (80 * 2970 / 100.0 + 2 * 742 / 400.0) / 3600
+    per_node = 5 * (80 * 2970 * 2.4 / 100.0 + 2 * 742 * 4 / 400.0) / 3600
     assert hours["flat"] == pytest.approx(flat) and hours["per_node"] == pytest.approx(per_node)
+    # the bound: ViT-S/16 at 2,143 img/s raw is about 41 minutes for the three strategies
+    assert bench.cv_bound_hours(2143.0) * 60 == pytest.approx(5 * 80 * 2970 * 4.4 / 2143.0 / 60)
+    assert 40 < bench.cv_bound_hours(2143.0) * 60 < 42
 
 
 def test_synthetic_images_are_real_jpegs_over_the_leaves(tmp_path):

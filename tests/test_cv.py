@@ -414,3 +414,12 @@ def test_shipped_configs_are_valid():
     assert cpu.taxonomy == (REPO / "taxonomy" / "blood-cells.yaml").resolve()
     assert cpu.strategies == ["flat", "per_node", "per_level", "joint"] and cpu.folds == 3
     assert cpu.fit_config("per_level", "resnet18", 2).img_size == 64
+
+
+def test_a_cell_validates_once_after_its_last_epoch_unless_asked(project: Path):
+    """The tables score the last checkpoint: per-epoch validation would only cost time."""
+    config = load_cv_config(write_config(project, "cv-val.yaml", fit={"epochs": 7, "device": "cpu"}))
+    assert config.fit_config("joint", BACKBONE, 0).val_every == 7
+    curves = load_cv_config(write_config(project, "cv-val1.yaml", fit={"epochs": 7, "val_every": 1}))
+    assert curves.fit_config("joint", BACKBONE, 1).val_every == 1
+    assert load_cv_config(write_config(project, "cv-val0.yaml", fit={})).fit_config("flat", BACKBONE, 0).val_every == 10

@@ -328,3 +328,23 @@ def test_validation_accuracy_scores_leaf_labels_only():
     assert metrics["val_accuracy"] == 1.0
     metrics = validation_metrics(tax, probs, ["ALL", "Leukemia"], "greedy", 0.5)
     assert metrics["val_accuracy"] == 0.0
+
+
+def test_val_every_validates_every_nth_and_the_last_epoch(smears, tmp_path):
+    run = tmp_path / "run"
+    result = fit(make_config(smears, run, epochs=3, val_every=2), progress=False)
+    records = metrics_of(run)
+    assert [("val_hF" in r) for r in records] == [False, True, True]
+    assert result.best_epoch in (2, 3)
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["epoch"] == result.best_epoch
+
+
+def test_val_every_on_the_command_line(tmp_path):
+    from hiercls.cli import build_parser
+    from hiercls.cli.fit import overrides_from_args
+
+    args = build_parser().parse_args(["fit", "--taxonomy", "t", "--data", "d", "--out", "o", "--val-every", "5"])
+    assert overrides_from_args(args)["val_every"] == 5
+    with pytest.raises(ConfigError, match="--val-every.*greater than or equal to 1"):
+        load_config(None, {"taxonomy": "t", "data": "d", "out": "o", "val_every": 0})

@@ -14,7 +14,7 @@ from hiercls.cli import add_command
 CONFIG_FLAGS = (
     "taxonomy", "data", "out", "strategy", "backbone", "loss", "pretrained", "img_size", "epochs",
     "batch_size", "lr", "optimizer", "val_fraction", "fold", "folds", "seed", "device", "precision",
-    "group_regex", "exclude", "cache_dir", "num_workers", "best_metric",
+    "group_regex", "exclude", "cache_dir", "num_workers", "best_metric", "val_every",
 )
 
 
@@ -57,6 +57,8 @@ def register(subparsers) -> None:
     split.add_argument("--val-fraction", dest="val_fraction", type=float, metavar="F", default=S, help="grouped validation fraction (default: 0.2)")
     split.add_argument("--fold", type=int, metavar="K", default=S, help="validate on fold K of --folds (grouped k-fold)")
     p.add_argument("--folds", type=int, metavar="N", default=S, help="number of folds, with --fold")
+    p.add_argument("--val-every", dest="val_every", type=int, metavar="N", default=S,
+                   help="validate after every N-th epoch and after the last (default: 1)")
     p.add_argument("--seed", type=int, metavar="S", default=S, help="default: 0")
     p.add_argument("--device", metavar="auto|cpu|cuda|cuda:N", default=S, help="default: auto (cuda when available)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=S, help="auto: bf16 on cuda, fp32 on cpu")
