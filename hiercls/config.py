@@ -102,6 +102,10 @@ class FitConfig(BaseModel):
     folds: int | None = Field(None, ge=2)
     # Validate after every N-th epoch and always after the last one (best checkpoint: among those).
     val_every: int = Field(1, ge=1)
+    # The resumable `last` checkpoint is written after an epoch when this many minutes have passed
+    # since the previous one, after the last epoch, with every new best, and on Ctrl-C; 0: every
+    # epoch. Short GPU epochs (seconds) would otherwise spend much of their time writing weights.
+    checkpoint_minutes: float = Field(5.0, ge=0)
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"

@@ -581,6 +581,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
         })
 
     flag = _StopFlag()
+    last_saved = time.monotonic()
     previous = _read_metrics(paths, start_epoch) if resume else []
     last_metrics: dict[str, Any] = previous[-1] if previous else {}
     with _sigint_sets(flag):
@@ -663,12 +664,17 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
             if dist.main:
                 _append_metrics(paths, record)
                 value = record.get(config.best_metric)
-                improved = not has_val or (value is not None and _is_better(config.best_metric, value, best_metric))
-                if improved:  # best before last: last's state must never name unwritten best weights
+                improved = has_val and value is not None and _is_better(config.best_metric, value, best_metric)
+                final = epoch + 1 == config.epochs
+                save = improved or final or time.monotonic() - last_saved >= 60 * config.checkpoint_minutes
+                if improved or (save and not has_val):  # without validation, best is the latest saved
+                    # best before last: last's state must never name unwritten best weights
                     best_metric, best_epoch = value, epoch + 1
                     save_checkpoint(paths.checkpoints, "best", model, metadata(epoch + 1, record))
-                save_last(epoch + 1, record, {"epoch": epoch + 1, "unit": 0, "step": 0})
-                _print_epoch(console, record, config.best_metric, improved and has_val)
+                if save:
+                    save_last(epoch + 1, record, {"epoch": epoch + 1, "unit": 0, "step": 0})
+                    last_saved = time.monotonic()
+                _print_epoch(console, record, config.best_metric, improved)
             dist.barrier()  # the others wait for validation and checkpoints
     if dist.active:
         shared = [best_epoch, best_metric, last_metrics]

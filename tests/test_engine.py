@@ -348,3 +348,49 @@ def test_val_every_on_the_command_line(tmp_path):
     assert overrides_from_args(args)["val_every"] == 5
     with pytest.raises(ConfigError, match="--val-every.*greater than or equal to 1"):
         load_config(None, {"taxonomy": "t", "data": "d", "out": "o", "val_every": 0})
+
+
+# -- how often the resumable checkpoint is written ------------------------------------------
+
+
+def saved_epochs_seen(smears, out, **overrides) -> list[int | None]:
+    """The epoch of ``last.json`` as seen at the first step of each epoch (None: none yet)."""
+    seen: list[int | None] = []
+
+    def on_step(epoch, unit, step):
+        if step == 0:
+            path = out / "checkpoints" / "last.json"
+            seen.append(json.loads(path.read_text())["epoch"] if path.is_file() else None)
+
+    fit(make_config(smears, out, **overrides), progress=False, on_step=on_step)
+    seen.append(json.loads((out / "checkpoints" / "last.json").read_text())["epoch"])
+    return seen
+
+
+def test_short_epochs_are_not_checkpointed_every_time(smears, tmp_path):
+    # no validation, so no new best forces a save: only the end of training writes `last`
+    seen = saved_epochs_seen(smears, tmp_path / "run", epochs=3, val_fraction=0, checkpoint_minutes=60)
+    assert seen == [None, None, None, 3]
+    assert json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())["epoch"] == 3
+
+
+def test_checkpoint_minutes_zero_saves_every_epoch(smears, tmp_path):
+    assert saved_epochs_seen(smears, tmp_path / "run", epochs=3, val_fraction=0, checkpoint_minutes=0) == [None, 1, 2, 3]
+
+
+def test_a_checkpoint_is_written_once_the_interval_has_passed(smears, tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 200))  # every reading of the clock: 200 s later
+    monkeypatch.setattr(engine.time, "monotonic", lambda: next(clock))
+    seen = saved_epochs_seen(smears, tmp_path / "run", epochs=3, val_fraction=0, checkpoint_minutes=5)
+    assert seen == [None, None, 2, 3]  # 400 s after the start at the end of epoch 2; then the end
+
+
+def test_a_new_best_always_saves_last_with_it(smears, tmp_path):
+    from hiercls.checkpoint import load_training_state
+
+    run = tmp_path / "run"
+    seen = saved_epochs_seen(smears, run, epochs=3, checkpoint_minutes=60)
+    assert seen[1] == 1  # epoch 1 is always a new best, so `last` is saved with it
+    best = json.loads((run / "checkpoints" / "best.json").read_text())["epoch"]
+    # the resumable state names the best epoch whose weights are on disk
+    assert load_training_state(run / "checkpoints" / "last.state.pt")["best_epoch"] == best

@@ -15,6 +15,7 @@ CONFIG_FLAGS = (
     "taxonomy", "data", "out", "strategy", "backbone", "loss", "pretrained", "img_size", "epochs",
     "batch_size", "lr", "optimizer", "val_fraction", "fold", "folds", "seed", "device", "precision",
     "group_regex", "exclude", "cache_dir", "num_workers", "best_metric", "val_every",
+    "checkpoint_minutes",
 )
 
 
@@ -59,6 +60,9 @@ def register(subparsers) -> None:
     p.add_argument("--folds", type=int, metavar="N", default=S, help="number of folds, with --fold")
     p.add_argument("--val-every", dest="val_every", type=int, metavar="N", default=S,
                    help="validate after every N-th epoch and after the last (default: 1)")
+    p.add_argument("--checkpoint-minutes", dest="checkpoint_minutes", type=float, metavar="M", default=S,
+                   help="write the resumable checkpoint after an epoch once M minutes have passed since the "
+                        "last one, and always at the end and on Ctrl-C (default: 5; 0: every epoch)")
     p.add_argument("--seed", type=int, metavar="S", default=S, help="default: 0")
     p.add_argument("--device", metavar="auto|cpu|cuda|cuda:N", default=S, help="default: auto (cuda when available)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=S, help="auto: bf16 on cuda, fp32 on cpu")
