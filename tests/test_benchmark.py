@@ -67,3 +67,37 @@ def test_synthetic_images_are_real_jpegs_over_the_leaves(tmp_path):
     assert len(files) == 14 and len({f.parent.name for f in files}) == 7
     with Image.open(files[0]) as image:
         assert image.format == "JPEG" and image.size == (20, 20)
+
+
+def test_cycled_labels_give_real_images_the_leaves_in_turn(tmp_path):
+    import csv
+
+    from hiercls.taxonomy import load_taxonomy
+
+    bench = load_bench()
+    folder = bench.write_synthetic(tmp_path / "data", 9, img_size=16)
+    taxonomy = load_taxonomy(bench.DEFAULT_TAXONOMY)
+    manifest = bench.cycled_manifest(folder, taxonomy, tmp_path / "cycled.csv")
+    rows = list(csv.DictReader(manifest.open(encoding="utf-8")))
+    assert len(rows) == 9 and {r["label"] for r in rows} == set(taxonomy.leaves)
+    assert [r["label"] for r in rows[:2]] == list(taxonomy.leaves[:2])
+
+
+def test_table_rows_carry_the_ratios(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_table", BENCH.parent / "table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    measure = {"images_per_second": 1000.0, "peak_memory_gib": 3.25, "images": 1, "seconds": 1.0}
+    result = {
+        "backbone": "vit_small_patch16_384", "compile": True, "device": "NVIDIA H100", "torch": "2.x",
+        "raw_train": measure, "hiercls_train": measure | {"images_per_second": 960.0},
+        "raw_infer": measure, "hiercls_predict": measure | {"images_per_second": 910.0},
+        "train_ratio": 0.96, "predict_ratio": 0.91, "cv_grid_hours": {"total": 1.1}, "cv_bound_hours": 1.0,
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    assert table.main([str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| vit_small_patch16_384 | yes | 1,000 | 960 | 0.960 | 1,000 | 910 | 0.910 | 3.2 | 1.10 | 1.00 | 1.100 |" in printed
