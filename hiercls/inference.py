@@ -104,13 +104,15 @@ def predict_conditionals(
     description: str = "predicting",
     console: Console | None = None,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    fixed_batch: bool = False,
 ) -> np.ndarray:
     """P(node | parent) ``[N, num_nodes]`` (float64) for uint8 NHWC ``images``, in eval mode.
 
     On CUDA the next batch is copied from pinned host memory on a side stream while the
     current one is computed, and the results stay on the GPU until the end: the host never
     waits for the GPU between batches. ``forward`` replaces ``model.node_conditionals``
-    (e.g. a compiled version of it).
+    (e.g. a compiled version of it); ``fixed_batch`` pads the last batch to ``batch_size``, so a
+    compiled ``forward`` sees one shape only (one compilation instead of two).
     """
     mean, std = normalization_stats(model)
     forward = forward or model.node_conditionals
@@ -124,10 +126,13 @@ def predict_conditionals(
             out = torch.empty((n, model.taxonomy.num_nodes), dtype=torch.float32, device=device)
             task = bar.add_task(description, total=n)
             for start, batch in _device_batches(images, batch_size, device):
+                size = len(batch)
+                if fixed_batch and size < batch_size:
+                    batch = torch.cat([batch, batch.new_zeros((batch_size - size, *batch.shape[1:]))])
                 x = normalize(batch, mean, std, channels_last)
                 with autocast_context(device, precision):
                     cond = forward(x)
-                out[start : start + len(batch)] = cond.float()
+                out[start : start + size] = cond[:size].float()
                 bar.advance(task, len(batch))
             result = out.cpu().numpy().astype(np.float64)
     finally:
@@ -316,7 +321,8 @@ def predict_table(
         channels_last=channels_last,
         progress=progress,
         console=console,
-        forward=torch.compile(model.node_conditionals) if compile else None,
+        forward=torch.compile(model.node_conditionals, dynamic=False) if compile else None,
+        fixed_batch=compile,
     )
     return NodeProbabilities.from_conditionals(loaded_run.taxonomy, conditional)
 

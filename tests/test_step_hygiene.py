@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -198,3 +199,36 @@ def test_compiled_augmentation_equals_eager():
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled(images, torch.Generator().manual_seed(4))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+def test_padding_the_last_batch_changes_no_prediction(smears, tmp_path):
+    from hiercls.inference import load_run, predict_conditionals
+
+    run = tmp_path / "run"
+    fit(make_config(smears, run, epochs=1), progress=False)
+    model = load_run(run, "last").model
+    images = torch.randint(0, 256, (11, 16, 16, 3), dtype=torch.uint8)
+    common = dict(batch_size=4, device=torch.device("cpu"), progress=False)
+    plain = predict_conditionals(model, images, **common)
+    padded = predict_conditionals(model, images, fixed_batch=True, **common)
+    assert plain.shape == padded.shape == (11, model.taxonomy.num_nodes)
+    np.testing.assert_allclose(padded, plain, atol=1e-6)
+
+
+@needs_compiler
+def test_compiled_prediction_is_one_graph_and_equals_eager(smears, tmp_path):
+    from torch._dynamo.utils import counters
+
+    from hiercls.data import load_images
+    from hiercls.inference import load_run, predict_table
+
+    run = tmp_path / "run"
+    fit(make_config(smears, run, epochs=1), progress=False)
+    loaded = load_run(run, "last")
+    table = load_images(smears, taxonomy=loaded.taxonomy)  # 32 images: batches of 12, 12 and 8
+    eager = predict_table(loaded, table, batch_size=12, device="cpu", progress=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = predict_table(loaded, table, batch_size=12, device="cpu", progress=False, compile=True)
+    assert counters["stats"]["unique_graphs"] == 1  # the last batch is padded, not recompiled
+    np.testing.assert_allclose(compiled.conditional, eager.conditional, atol=1e-4)
