@@ -91,15 +91,19 @@ class BatchAugment:
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
         channels_last: bool = False,
-        compile: bool = False,
+        compile_batch_size: int | None = None,
     ):
+        """``compile_batch_size``: batches of this many images run through ``torch.compile``
+        (one static graph); batches of other sizes, and all batches when it is None, run eagerly."""
         self.config = config or AugmentConfig()
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.channels_last = channels_last
         # Compiled, the ~20 elementwise passes over the batch (resampling, jitter,
-        # normalisation) fuse into a few kernels; shapes are static (full batches).
-        self._transform = torch.compile(self._apply, dynamic=False) if compile else self._apply
+        # normalisation) fuse into a few kernels. Only the training batch size is compiled: a
+        # per_node unit smaller than one batch has a size of its own, different in every fold.
+        self.compile_batch_size = compile_batch_size
+        self._compiled = torch.compile(self._apply, dynamic=False) if compile_batch_size else None
 
     def __call__(
         self,
@@ -120,7 +124,8 @@ class BatchAugment:
             jitter = None if jitter is None else jitter[:, rows]
         device = batch.device
         reference = torch.empty(0, device=device)
-        return self._transform(
+        transform = self._compiled if b == self.compile_batch_size else self._apply
+        return transform(
             batch,
             None if self._is_identity(square=(h == w)) else _to_device(theta, device),
             None if jitter is None else _to_device(jitter, device),

@@ -307,7 +307,7 @@ def _configure_backends(device: torch.device, deterministic: bool) -> None:
     torch.backends.cudnn.allow_tf32 = not deterministic
 
 
-def _wrap(module: torch.nn.Module, config: FitConfig, dist: _Dist, device: torch.device):
+def _wrap(module: torch.nn.Module, config: FitConfig, dist: _Dist, device: torch.device, compile: bool):
     """The callable a unit trains through: DDP across processes, then ``torch.compile``.
 
     The module itself stays unwrapped inside the model, so validation and checkpoints see
@@ -320,25 +320,38 @@ def _wrap(module: torch.nn.Module, config: FitConfig, dist: _Dist, device: torch
         forward = DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
         )
-    if config.compile:
+    if compile:
         # Static shapes: a batch of another size compiles a second static graph instead of a
         # dynamic-shape one that would then serve (more slowly) every later batch.
         forward = torch.compile(forward, dynamic=False)
     return forward
 
 
-def _allow_compiled_graphs(count: int) -> None:
-    """Let dynamo keep ``count`` graphs per function before it falls back to eager.
+def _compiles(config: FitConfig, unit_images: int) -> bool:
+    """Whether a unit trains through ``torch.compile``: with ``--compile``, if it has a full batch.
 
-    per_node / per_level units are instances of one module class, so their compiled graphs
-    (one per head shape and batch size) share one code object and its recompile limit
-    (8 by default): a tree with many internal nodes would otherwise leave units uncompiled.
-    The limit is process-wide and is only ever raised.
+    A unit smaller than one batch (a rare node of per_node) takes one small step per epoch,
+    whose size changes from fold to fold: not worth a compilation each time.
     """
+    return config.compile and unit_images >= config.batch_size
+
+
+def _allow_compiled_graphs(count: int) -> None:
+    """Let dynamo keep ``count`` more graphs per function than this process has compiled so far.
+
+    Every training unit is an instance of one of a few module classes, so their compiled
+    graphs (one per backbone, head shape and batch size) share those classes' code objects
+    and their recompile limit (8 by default); beyond it dynamo silently runs eagerly. A tree
+    with many internal nodes, or the many cells ``hiercls cv`` trains in one process, would
+    otherwise leave models uncompiled. The limit is process-wide and is only ever raised.
+    """
+    from torch._dynamo.utils import counters
+
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    if getattr(config, name) < count:
-        setattr(config, name, count)
+    needed = int(counters["stats"]["unique_graphs"]) + count
+    if getattr(config, name) < needed:
+        setattr(config, name, needed)
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -510,7 +523,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
         indices = np.where(unit.sample_mask(train_labels))[0]
         steps = _batches(len(indices), config.batch_size, min_last=2 * dist.world)
         optimizer = _optimizer(config, unit.module.parameters())
-        forward = _wrap(unit.module, config, dist, device)
+        forward = _wrap(unit.module, config, dist, device, compile=_compiles(config, len(indices)))
         units.append(_Unit(unit.name, unit, forward, indices, optimizer, _scheduler(config, optimizer, steps), steps))
 
     start_epoch, best_metric, best_epoch, position = 0, None, None, None
@@ -535,7 +548,8 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
     if train_images.device.type == "cuda":
         train_targets = train_targets.to(device)
     mean, std = normalization_stats(model)
-    augment = BatchAugment(config.augment, mean, std, channels_last, compile=config.compile)
+    augment = BatchAugment(config.augment, mean, std, channels_last,
+                           compile_batch_size=config.batch_size // dist.world if config.compile else None)
     val_true = [table.labels[i] for i in prepared.val_idx]
 
     def metadata(epoch: int, metrics: dict[str, Any], partial: bool = False) -> dict[str, Any]:
