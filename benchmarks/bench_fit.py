@@ -120,6 +120,31 @@ def cycled_manifest(data: Path, taxonomy, out: Path) -> Path:
     return out
 
 
+def prepare_images(data: Path | None, taxonomy_path: Path, cycle_labels: bool, synthetic: int, img_size: int,
+                   work: Path, cache: Path, device: torch.device):
+    """The benchmark's data: ``(data path, ImageTable, uint8 leaf images on device, leaf indices)``.
+
+    ``data`` None: ``synthetic`` smear-like JPEGs in ``work``; ``cycle_labels``: the images of
+    ``data`` get the leaves of the tree in turn. Images are decoded once into ``cache``, which
+    the hiercls runs of the benchmark then read. Images not labelled with a leaf are left out
+    of the raw loops.
+    """
+    from hiercls.data import ImageCache, load_images
+    from hiercls.taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy(taxonomy_path)
+    data = write_synthetic(work / "data", synthetic, img_size) if data is None else data.resolve()
+    if cycle_labels:
+        data = cycled_manifest(data, taxonomy, work / "cycled.csv")
+    table = load_images(data, taxonomy=taxonomy)
+    leaves = {leaf: i for i, leaf in enumerate(taxonomy.leaves)}
+    usable = [i for i, label in enumerate(table.labels) if label in leaves]
+    decoded = ImageCache(cache).load([table.paths[i] for i in usable], img_size, progress=False)
+    images = torch.from_numpy(np.ascontiguousarray(decoded)).to(device)
+    labels = torch.tensor([leaves[table.labels[i]] for i in usable], device=device)
+    return data, table, images, labels
+
+
 class _Windows:
     """Steady-state timing from ``on_step``: per (epoch, unit) window, after the warm-up steps.
 
@@ -363,7 +388,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every measurement, print the table and return the numbers (also to ``--json``)."""
-    from hiercls.data import ImageCache, load_images
     from hiercls.inference import resolve_device, use_channels_last
     from hiercls.taxonomy import load_taxonomy
 
@@ -376,22 +400,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="hiercls-bench-"))
     try:
         taxonomy_path = (args.taxonomy or DEFAULT_TAXONOMY).resolve()
-        if args.data is None:
-            n = args.synthetic or (args.warmup + args.steps + 2) * args.batch_size
-            data = write_synthetic(work / "data", n, args.img_size)
-        else:
-            data = args.data.resolve()
         cache = work / "cache"
-        taxonomy = load_taxonomy(taxonomy_path)
-        if args.cycle_labels:
-            data = cycled_manifest(data, taxonomy, work / "cycled.csv")
-        table = load_images(data, taxonomy=taxonomy)
-        leaves = {leaf: i for i, leaf in enumerate(taxonomy.leaves)}
-        usable = [i for i, label in enumerate(table.labels) if label in leaves]
-        decoded = ImageCache(cache).load([table.paths[i] for i in usable], args.img_size, progress=False)
+        synthetic = args.synthetic or (args.warmup + args.steps + 2) * args.batch_size
+        data, table, images, labels = prepare_images(args.data, taxonomy_path, args.cycle_labels, synthetic,
+                                                     args.img_size, work, cache, device)
+        leaves = load_taxonomy(taxonomy_path).leaves
         channels_last = use_channels_last("auto", device)
-        images = torch.from_numpy(np.ascontiguousarray(decoded)).to(device)
-        labels = torch.tensor([leaves[table.labels[i]] for i in usable], device=device)
         common = dict(backbone=args.backbone, num_classes=len(leaves), device=device, precision=args.precision,
                       channels_last=channels_last, compile=args.compile, warmup=args.warmup, steps=args.steps)
 

@@ -595,7 +595,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
         })
 
     flag = _StopFlag()
-    last_saved = time.monotonic()
+    last_saved = loop_started = time.monotonic()
     previous = _read_metrics(paths, start_epoch) if resume else []
     last_metrics: dict[str, Any] = previous[-1] if previous else {}
     with _sigint_sets(flag):
@@ -660,11 +660,14 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
                 running[u.name] = [float(total), sum(sizes)] if u.steps_per_epoch else [0.0, 0]
                 images_seen += sum(sizes[skip:])
             seconds = time.perf_counter() - t0
+            # the whole epoch from the loop's start, previous epochs' validation and checkpoints included
+            elapsed = time.monotonic() - loop_started
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "train_loss": {name: (s / n if n else None) for name, (s, n) in running.items()},
                 "lr": {u.name: u.optimizer.param_groups[0]["lr"] for u in units},
                 "seconds": round(seconds, 3),
+                "elapsed_seconds": round(elapsed, 3),
                 "images_per_second": round(images_seen / seconds, 1) if seconds > 0 else None,
             }
             if val_images is not None and _validates(config, epoch):

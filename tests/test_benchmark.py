@@ -101,3 +101,48 @@ def test_table_rows_carry_the_ratios(tmp_path, capsys):
     assert table.main([str(path)]) == 0
     printed = capsys.readouterr().out
     assert "| vit_small_patch16_384 | yes | 1,000 | 960 | 0.960 | 1,000 | 910 | 0.910 | 3.2 | 1.10 | 1.00 | 1.100 |" in printed
+
+
+def load_bench_cv():
+    load_bench()  # bench_cv imports its sibling by name
+    spec = importlib.util.spec_from_file_location("bench_cv", BENCH.parent / "bench_cv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cv_cells_extrapolate_from_their_steady_epochs(tmp_path):
+    bench_cv = load_bench_cv()
+    run = tmp_path / "cell"
+    run.mkdir()
+    (run / "cv_done.json").write_text(json.dumps({"seconds": 30.0, "epochs": 4}))
+    records = [  # epoch 1 compiles (slow); epochs 2-3 steady; epoch 4 also validates
+        {"epoch": 1, "seconds": 20.0, "images_per_second": 5.0, "elapsed_seconds": 20.0},
+        {"epoch": 2, "seconds": 2.0, "images_per_second": 50.0, "elapsed_seconds": 22.5},
+        {"epoch": 3, "seconds": 2.0, "images_per_second": 50.0, "elapsed_seconds": 25.0},
+        {"epoch": 4, "seconds": 2.0, "images_per_second": 50.0, "elapsed_seconds": 27.5},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    times = bench_cv.cell_times(run, target_epochs=80)
+    assert times["steady_epoch_seconds"] == pytest.approx(2.5)  # training 2 s + 0.5 s around it
+    assert times["images_per_epoch"] == pytest.approx(100.0)
+    assert times["extrapolated_seconds"] == pytest.approx(30.0 + 76 * 2.5)
+    summary = bench_cv.grid_summary([{"strategy": "joint", "backbone": "b", **times}], {"b": 200.0}, 80)
+    assert summary["total"]["bound_seconds"] == pytest.approx(80 * 100 / 200.0)
+    assert summary["total"]["ratio"] == pytest.approx((30.0 + 76 * 2.5) / 40.0)
+
+
+def test_cv_benchmark_runs_the_grid(tmp_path, capsys):
+    bench_cv = load_bench_cv()
+    out = tmp_path / "cv.json"
+    results = bench_cv.main([
+        "--backbones", "test_resnet", "--strategies", "flat", "joint", "--folds", "2", "--epochs", "3",
+        "--img-size", "16", "--batch-size", "8", "--synthetic", "48", "--raw-steps", "3", "--raw-warmup", "1",
+        "--device", "cpu", "--json", str(out),
+    ])
+    assert len(results["cells"]) == 4 and {c["strategy"] for c in results["cells"]} == {"flat", "joint"}
+    for cell in results["cells"]:
+        assert cell["epochs"] == 3 and cell["extrapolated_seconds"] > cell["measured_seconds"] > 0
+        assert cell["bound_seconds"] > 0
+    assert results["total"]["ratio"] > 0 and json.loads(out.read_text())["folds"] == 2
+    assert "grid" in capsys.readouterr().out
