@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_fit  # noqa: E402  (the sibling script: data preparation and the raw timm loop)
+import bench_fit  # the sibling script: data preparation and the raw timm loop
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         taxonomy_path = (args.taxonomy or bench_fit.DEFAULT_TAXONOMY).resolve()
         cache = work / "cache"
-        data, _table, images, labels = bench_fit.prepare_images(
+        data, table, images, labels = bench_fit.prepare_images(
             args.data, taxonomy_path, args.cycle_labels, args.synthetic, args.img_size, work, cache, device)
         leaves = load_taxonomy(taxonomy_path).leaves
         raw_rates = {}
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
             "torch": torch.__version__, "img_size": args.img_size, "batch_size": args.batch_size,
             "compile": args.compile, "precision": args.precision, "folds": args.folds, "epochs": args.epochs,
-            "target_epochs": args.target_epochs, "images": len(_table), "raw_train_img_per_s": raw_rates,
+            "target_epochs": args.target_epochs, "images": len(table), "raw_train_img_per_s": raw_rates,
             **summary,
         }
         _print(results)

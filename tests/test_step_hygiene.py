@@ -16,13 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from test_engine import make_config, write_smears
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hiercls import engine
 from hiercls.engine import fit
 from hiercls.strategies import STRATEGIES
-from test_engine import make_config, write_smears
 
 #: aten ops that make the host wait for the device when their input lives on a GPU.
 SYNCING_OPS = {
