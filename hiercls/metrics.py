@@ -28,6 +28,7 @@ __all__ = [
     "per_class_prf",
     "auroc",
     "per_level_accuracy",
+    "depth_accuracy",
     "ConfusionMatrix",
     "confusion_matrices",
     "leaf_confusion_matrix",
@@ -45,6 +46,7 @@ METRIC_KEYS = (
     "hF",
     "auroc",
     "per_level_accuracy",
+    "depth_accuracy",
     "per_class",
     "mistake_severity",
     "ece",
@@ -240,6 +242,33 @@ def per_level_accuracy(
         d = len(paths[node])  # depth of the children
         hits = [_node_at_depth(paths, true_nodes[i], d) == _node_at_depth(paths, pred_nodes[i], d) for i in rows]
         out[node] = float(np.mean(hits))
+    return out
+
+
+def _cut(paths: dict[str, tuple[str, ...]], node: str, depth: int) -> str:
+    """``node`` seen in the tree cut at ``depth``: its ancestor there, or itself if shallower."""
+    path = paths[node]
+    return path[depth] if depth < len(path) else node
+
+
+def depth_accuracy(
+    taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]
+) -> dict[str, float | None]:
+    """Accuracy in the tree cut at each depth d = 1 .. max depth (keys ``"1"``, ``"2"``, ...).
+
+    Cut at depth d, every node stands for its ancestor at depth d, a leaf above d for itself:
+    the classes a flat classifier of that granularity would have (blood-cells cut at depth 2:
+    the 8 classes of the PBC dataset's folders). Images count when their label says which
+    class of the cut they are (a label at depth >= d, or a leaf); a prediction that stops
+    above depth d at an internal node is wrong. ``None`` for a depth with no such image.
+    """
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    paths = _paths(taxonomy)
+    out: dict[str, float | None] = {}
+    for d in range(1, taxonomy.max_depth + 1):
+        rows = [i for i, t in enumerate(true_nodes) if len(paths[t]) > d or taxonomy.is_leaf(t)]
+        hits = [_cut(paths, true_nodes[i], d) == _cut(paths, pred_nodes[i], d) for i in rows]
+        out[str(d)] = float(np.mean(hits)) if rows else None
     return out
 
 
@@ -518,6 +547,7 @@ def evaluate_predictions(
         "hF": hprf["hF"],
         "auroc": None,
         "per_level_accuracy": per_level_accuracy(taxonomy, y_true, y_pred),
+        "depth_accuracy": depth_accuracy(taxonomy, y_true, y_pred),
         "per_class": per_class_prf(taxonomy, y_true, y_pred),
         "mistake_severity": mistake_severity(taxonomy, y_true, y_pred),
         "ece": None,

@@ -38,6 +38,12 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "node"
 
 
+def _cut_classes(taxonomy, depth: int) -> int:
+    """How many classes the tree has when cut at ``depth``."""
+    return sum(1 for node in taxonomy.nodes if taxonomy.depth(node) == depth
+               or (taxonomy.is_leaf(node) and 0 < taxonomy.depth(node) < depth))
+
+
 def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
@@ -85,6 +91,18 @@ def render_markdown(
     if groups:
         rows[0] = ("images / groups", metrics.get("n_images"), groups.get("n_groups"))
     lines += ["## Headline metrics", ""] + _table(header, rows)
+
+    depth_rows = []
+    for depth, value in (metrics.get("depth_accuracy") or {}).items():
+        row = [depth, _cut_classes(taxonomy, int(depth)), value]
+        if groups:
+            row.append((groups.get("depth_accuracy") or {}).get(depth))
+        depth_rows.append(row)
+    if depth_rows:
+        lines += ["## Accuracy at each depth", "",
+                  "The tree cut at depth d: each node counts as its ancestor at that depth (a leaf above it "
+                  "as itself), the classes a flat classifier of that granularity would have.", ""]
+        lines += _table(["depth", "classes", "accuracy"] + (["group accuracy"] if groups else []), depth_rows)
 
     lines += ["## Per-level accuracy", "", "Accuracy of each decision among the images labelled below it.", ""]
     level_rows = []

@@ -184,7 +184,7 @@ def test_resume_two_plus_one_epochs_equals_three(smears, tmp_path):
     straight, resumed = state_of(tmp_path / "straight"), state_of(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    drop_time = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}  # noqa: E731
+    drop_time = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_second", "elapsed_seconds")}  # noqa: E731
     assert [drop_time(r) for r in metrics_of(tmp_path / "straight")] == [drop_time(r) for r in metrics_of(tmp_path / "resumed")]
 
 
@@ -379,10 +379,20 @@ def test_checkpoint_minutes_zero_saves_every_epoch(smears, tmp_path):
 
 
 def test_a_checkpoint_is_written_once_the_interval_has_passed(smears, tmp_path, monkeypatch):
-    clock = iter(range(0, 10_000, 200))  # every reading of the clock: 200 s later
-    monkeypatch.setattr(engine.time, "monotonic", lambda: next(clock))
-    seen = saved_epochs_seen(smears, tmp_path / "run", epochs=3, val_fraction=0, checkpoint_minutes=5)
-    assert seen == [None, None, 2, 3]  # 400 s after the start at the end of epoch 2; then the end
+    now = [0.0]  # a clock at 200 s x epochs trained: epoch k ends at 200 k seconds
+    monkeypatch.setattr(engine.time, "monotonic", lambda: now[0])
+    seen: list[int | None] = []
+    last = tmp_path / "run" / "checkpoints" / "last.json"
+
+    def on_step(epoch, unit, step):
+        if step == 0:
+            seen.append(json.loads(last.read_text())["epoch"] if last.is_file() else None)
+            now[0] = 200.0 * (epoch + 1)
+
+    fit(make_config(smears, tmp_path / "run", epochs=3, val_fraction=0, checkpoint_minutes=5), progress=False,
+        on_step=on_step)
+    # 200 s after the start at the end of epoch 1: not yet; 400 s at the end of epoch 2: saved; then the end
+    assert seen + [json.loads(last.read_text())["epoch"]] == [None, None, 2, 3]
 
 
 def test_a_new_best_always_saves_last_with_it(smears, tmp_path):

@@ -280,3 +280,24 @@ def test_evaluate_predictions_without_probabilities(leukemia):
 def test_evaluate_predictions_needs_labels(leukemia):
     with pytest.raises(DataError, match="no row has a label"):
         evaluate_predictions(leukemia, [None, None], ["ALL", "AML"])
+
+
+def test_depth_accuracy_cuts_the_tree_at_each_depth(leukemia):
+    from hiercls.metrics import depth_accuracy
+
+    true = ["ALL", "CLL", "Normal", "Acute", "Reactive", "Leukemia"]
+    pred = ["AML", "ALL", "Normal", "APML", "Leukemia", "Chronic"]
+    # depth 1 (Normal | Reactive | Leukemia): all six rows, Reactive -> Leukemia is the one miss;
+    # depth 2 (+ Acute | Chronic): the partial label Leukemia cannot say which, 5 rows, 3 right;
+    # depth 3 (the leaves): only leaf labels, 4 rows, Normal right
+    assert depth_accuracy(leukemia, true, pred) == {"1": 5 / 6, "2": 3 / 5, "3": 1 / 4}
+
+
+def test_depth_accuracy_at_the_deepest_cut_of_leaf_labels_is_leaf_accuracy(leukemia):
+    from hiercls.metrics import depth_accuracy
+
+    rng = np.random.default_rng(0)
+    nodes = [n for n in leukemia.nodes if n != leukemia.root]
+    true = list(rng.choice(leukemia.leaves, 50))
+    pred = list(rng.choice(nodes, 50))
+    assert depth_accuracy(leukemia, true, pred)["3"] == pytest.approx(leaf_accuracy(leukemia, true, pred))

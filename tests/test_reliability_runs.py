@@ -77,6 +77,7 @@ def epoch_numbers(run: Path) -> list[dict]:
     for record in records:
         record.pop("seconds", None)
         record.pop("images_per_second", None)
+        record.pop("elapsed_seconds", None)
     return records
 
 

@@ -230,6 +230,10 @@ def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> No
         ("AUROC (leaves)", auroc),
         ("mistake severity", lambda m: m["mistake_severity"]["mean_distance"]),
     ]
+    for depth in (metrics.get("depth_accuracy") or {}):
+        if int(depth) < taxonomy.max_depth:  # the deepest cut is the leaf accuracy above
+            rows.append((f"accuracy, tree cut at depth {depth}",
+                         lambda m, depth=depth: (m.get("depth_accuracy") or {}).get(depth)))
     for node, value in metrics["per_level_accuracy"].items():
         rows.append((f"acc {node}: " + " vs ".join(taxonomy.children(node)),
                      lambda m, node=node: m["per_level_accuracy"].get(node)))
