@@ -39,6 +39,7 @@ from rich.table import Table
 from hiercls.config import FitConfig, check_regex, read_config_file
 from hiercls.errors import CheckpointError, ConfigError, DataError
 from hiercls.io import atomic_write_json, atomic_write_text, json_ready
+from hiercls.metrics import cut_classes
 
 __all__ = [
     "CVConfig",
@@ -669,8 +670,11 @@ def build_tables(config: CVConfig, cells: dict[tuple[str, str, int], dict[str, A
 
     table2: dict[str, list[dict[str, Any]]] = {}
     table3: dict[str, list[dict[str, Any]]] = {}
+    depths: dict[str, list[dict[str, Any]]] = {}
+    # the deepest cut is Table 2's ACC; the shallower ones compare with coarser flat classifiers
+    cut_depths = [str(d) for d in range(1, taxonomy.max_depth)]
     for level in levels:
-        rows2, rows3 = [], []
+        rows2, rows3, rows_depth = [], [], []
         for strategy, backbone in models:
             per_fold = [level_metrics(level, (strategy, backbone, k)) for k in range(config.folds)]
             for key, _title, get in _TABLE2_METRICS:
@@ -684,7 +688,13 @@ def build_tables(config: CVConfig, cells: dict[tuple[str, str, int], dict[str, A
                 rows3.append({"strategy": strategy, "backbone": backbone, "node": node,
                               "decision": " vs ".join(taxonomy.children(node)), "folds": values,
                               "mean": mean, "std": std, "n_folds": n})
-        table2[level], table3[level] = rows2, rows3
+            for depth in cut_depths:
+                values = [(m.get("depth_accuracy") or {}).get(depth) if m else None for m in per_fold]
+                mean, std, n = _mean_std(values)
+                rows_depth.append({"strategy": strategy, "backbone": backbone, "depth": int(depth),
+                                   "classes": cut_classes(taxonomy, int(depth)), "folds": values,
+                                   "mean": mean, "std": std, "n_folds": n})
+        table2[level], table3[level], depths[level] = rows2, rows3, rows_depth
 
     table4 = []
     for strategy, backbone in models:
@@ -720,6 +730,7 @@ def build_tables(config: CVConfig, cells: dict[tuple[str, str, int], dict[str, A
         ],
         "table2": table2,
         "table3": table3,
+        "depth_accuracy": depths,
         "table4": table4,
     }
 
@@ -776,6 +787,20 @@ def render_tables_markdown(tables: dict[str, Any]) -> str:
                   "|---|" + "---:|" * len(nodes)]
         models = list(dict.fromkeys((r["strategy"], r["backbone"]) for r in rows))
         for model in models:
+            cells = [r for r in rows if (r["strategy"], r["backbone"]) == model]
+            lines.append(f"| {model[0]} / {model[1]} | "
+                         + " | ".join(_fmt_mean_std(r["mean"], r["std"], r["n_folds"], folds) for r in cells) + " |")
+        lines.append("")
+    for level, rows in (tables.get("depth_accuracy") or {}).items():
+        if not rows:
+            continue
+        cuts = list(dict.fromkeys((r["depth"], r["classes"]) for r in rows))
+        lines += [f"## Accuracy of the tree cut at each depth (mean ± std over folds), {level_title[level]}", "",
+                  "Each node counts as its ancestor at that depth (a leaf above it as itself): the classes a "
+                  "flat classifier of that granularity would have. The deepest cut is Table 2's ACC.", "",
+                  "| model | " + " | ".join(f"depth {d} ({c} classes)" for d, c in cuts) + " |",
+                  "|---|" + "---:|" * len(cuts)]
+        for model in dict.fromkeys((r["strategy"], r["backbone"]) for r in rows):
             cells = [r for r in rows if (r["strategy"], r["backbone"]) == model]
             lines.append(f"| {model[0]} / {model[1]} | "
                          + " | ".join(_fmt_mean_std(r["mean"], r["std"], r["n_folds"], folds) for r in cells) + " |")

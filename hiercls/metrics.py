@@ -29,6 +29,7 @@ __all__ = [
     "auroc",
     "per_level_accuracy",
     "depth_accuracy",
+    "cut_classes",
     "ConfusionMatrix",
     "confusion_matrices",
     "leaf_confusion_matrix",
@@ -270,6 +271,14 @@ def depth_accuracy(
         hits = [_cut(paths, true_nodes[i], d) == _cut(paths, pred_nodes[i], d) for i in rows]
         out[str(d)] = float(np.mean(hits)) if rows else None
     return out
+
+
+def cut_classes(taxonomy: Taxonomy, depth: int) -> int:
+    """How many classes the tree has when cut at ``depth`` (the nodes there and the leaves above)."""
+    return sum(
+        1 for node in taxonomy.nodes
+        if taxonomy.depth(node) == depth or (taxonomy.is_leaf(node) and 0 < taxonomy.depth(node) < depth)
+    )
 
 
 @dataclass

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hiercls.io import atomic_write_bytes, atomic_write_text  # noqa: E402
-from hiercls.metrics import ConfusionMatrix, confusion_matrices, leaf_confusion_matrix  # noqa: E402
+from hiercls.metrics import ConfusionMatrix, confusion_matrices, cut_classes, leaf_confusion_matrix  # noqa: E402
 from hiercls.taxonomy import Taxonomy  # noqa: E402
 
 __all__ = ["write_report", "plot_confusion_matrix", "render_markdown"]
@@ -36,12 +36,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "node"
-
-
-def _cut_classes(taxonomy, depth: int) -> int:
-    """How many classes the tree has when cut at ``depth``."""
-    return sum(1 for node in taxonomy.nodes if taxonomy.depth(node) == depth
-               or (taxonomy.is_leaf(node) and 0 < taxonomy.depth(node) < depth))
 
 
 def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:
@@ -94,7 +88,7 @@ def render_markdown(
 
     depth_rows = []
     for depth, value in (metrics.get("depth_accuracy") or {}).items():
-        row = [depth, _cut_classes(taxonomy, int(depth)), value]
+        row = [depth, cut_classes(taxonomy, int(depth)), value]
         if groups:
             row.append((groups.get("depth_accuracy") or {}).get(depth))
         depth_rows.append(row)

@@ -171,6 +171,13 @@ def test_table3_and_table4_average_the_folds(finished: Path):
         assert r["recall"] == pytest.approx(np.mean([v for v in recalls if v is not None]))
         assert r["support"] == sum(m["per_class"][r["node"]]["support"] for m in per_fold[r["strategy"]])
     assert "## Table 3" in (finished / "tables.md").read_text()
+    # the tree cut at depth 1 (Normal | Reactive | Leukemia); depth 2 is Table 2's ACC
+    rows_depth = tables["depth_accuracy"]["images"]
+    assert {(r["depth"], r["classes"]) for r in rows_depth} == {(1, 3)}
+    for r in rows_depth:
+        values = [m["depth_accuracy"]["1"] for m in per_fold[r["strategy"]]]
+        assert r["mean"] == pytest.approx(np.mean(values))
+    assert "| model | depth 1 (3 classes) |" in (finished / "tables.md").read_text()
 
 
 def test_a_finished_grid_is_not_retrained(finished: Path, monkeypatch):
