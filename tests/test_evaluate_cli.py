@@ -154,7 +154,7 @@ def test_evaluate_a_trained_run(tmp_path):
     # Class folders carry no group: refused before predicting, unless a regex gives one.
     assert _evaluate("--run", str(run), "--data", str(data), "--out", str(out), "--group-by", "group") == 2
     code = _evaluate("--run", str(run), "--data", str(data), "--out", str(out), "--device", "cpu",
-                     "--group-by", "group", "--group-regex", r"^(slide\d+)_")
+                     "--group-by", "group", "--group-regex", r"^(slide\d+)_", "--no-progress")
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == 12 and metrics["groups"]["n_groups"] == 3

@@ -80,6 +80,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--title", default="Evaluation report", help="title of report.md")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/metrics.json and report")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="with --run: no progress bars while images are decoded and predicted (logs)")
     parser.set_defaults(func=run)
 
 
@@ -139,7 +141,8 @@ def _predict_with_run(args: argparse.Namespace, out: Path) -> tuple[Taxonomy, Pr
         )
     if all(label is None for label in table.labels):
         raise DataError(f"{args.data}: no image has a label; evaluation needs labelled images")
-    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, console=console)
+    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, console=console,
+                          progress=getattr(args, "progress", True))
     predictions = probs.decode(args.decode, args.threshold) if args.decode else decode(probs, loaded.config)
     paths = [str(p) for p in table.paths]
     labels, groups = list(table.labels), list(table.groups)
