@@ -30,10 +30,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY = (0.299, 0.587, 0.114)
 
 
-def to_float_nchw(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [0, 1]."""
+def _check_batch(batch: torch.Tensor) -> None:
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
         raise ValueError(f"expected a uint8 batch [B, H, W, 3], got {tuple(batch.shape)} {batch.dtype}")
+
+
+def to_float_nchw(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]`` in [0, 1]."""
+    _check_batch(batch)
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 
@@ -74,7 +78,12 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _standardize(x: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
-    x = (x - _constant(tuple(mean), x)) / _constant(tuple(std), x)
+    return _standardize_with(x, _constant(tuple(mean), x), _constant(tuple(std), x), channels_last)
+
+
+def _standardize_with(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``(x - mean) / std`` with ``[1, C, 1, 1]`` tensors, in the memory format the model takes."""
+    x = (x - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
@@ -113,8 +122,7 @@ class BatchAugment:
         global_size: int | None = None,
     ) -> torch.Tensor:
         """Augment ``batch``; with ``rows`` it is those rows of a batch of ``global_size`` images."""
-        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-            raise ValueError(f"expected a uint8 batch [B, H, W, 3], got {tuple(batch.shape)} {batch.dtype}")
+        _check_batch(batch)
         b, h, w, _ = batch.shape
         drawn = b if rows is None else int(global_size)
         theta = self._affine(drawn, square=(h == w), generator=generator)
@@ -144,14 +152,13 @@ class BatchAugment:
         gray_weights: torch.Tensor,
     ) -> torch.Tensor:
         """The device part: uint8 NHWC -> resampled, jittered, normalised float NCHW."""
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        x = to_float_nchw(batch)
         if theta is not None:
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         if jitter is not None:
             x = _jitter(x, jitter, gray_weights)
-        x = (x - mean) / std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+        return _standardize_with(x, mean, std, self.channels_last)
 
     # -- geometry ------------------------------------------------------------------------
 

@@ -307,7 +307,7 @@ def _configure_backends(device: torch.device, deterministic: bool) -> None:
     torch.backends.cudnn.allow_tf32 = not deterministic
 
 
-def _wrap(module: torch.nn.Module, config: FitConfig, dist: _Dist, device: torch.device, compile: bool):
+def _wrap(module: torch.nn.Module, dist: _Dist, device: torch.device, compile: bool):
     """The callable a unit trains through: DDP across processes, then ``torch.compile``.
 
     The module itself stays unwrapped inside the model, so validation and checkpoints see
@@ -523,7 +523,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
         indices = np.where(unit.sample_mask(train_labels))[0]
         steps = _batches(len(indices), config.batch_size, min_last=2 * dist.world)
         optimizer = _optimizer(config, unit.module.parameters())
-        forward = _wrap(unit.module, config, dist, device, compile=_compiles(config, len(indices)))
+        forward = _wrap(unit.module, dist, device, compile=_compiles(config, len(indices)))
         units.append(_Unit(unit.name, unit, forward, indices, optimizer, _scheduler(config, optimizer, steps), steps))
 
     start_epoch, best_metric, best_epoch, position = 0, None, None, None

@@ -248,8 +248,7 @@ def per_level_accuracy(
 
 def _cut(paths: dict[str, tuple[str, ...]], node: str, depth: int) -> str:
     """``node`` seen in the tree cut at ``depth``: its ancestor there, or itself if shallower."""
-    path = paths[node]
-    return path[depth] if depth < len(path) else node
+    return _node_at_depth(paths, node, depth) or node
 
 
 def depth_accuracy(
