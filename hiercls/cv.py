@@ -652,6 +652,13 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None, i
     return float(np.mean(present)), std, len(present)
 
 
+def _fold_row(per_fold: list[dict[str, Any] | None], get, **keys: Any) -> dict[str, Any]:
+    """One table row: ``keys``, the value ``get`` reads from each fold's metrics, their mean and std."""
+    values = [get(m) if m else None for m in per_fold]
+    mean, std, n = _mean_std(values)
+    return {**keys, "folds": values, "mean": mean, "std": std, "n_folds": n}
+
+
 def build_tables(config: CVConfig, cells: dict[tuple[str, str, int], dict[str, Any]]) -> dict[str, Any]:
     """Tables 2-4 of Hamdi et al. as JSON-ready data, from the finished cells' metrics."""
     from hiercls.taxonomy import load_taxonomy
@@ -677,23 +684,15 @@ def build_tables(config: CVConfig, cells: dict[tuple[str, str, int], dict[str, A
         rows2, rows3, rows_depth = [], [], []
         for strategy, backbone in models:
             per_fold = [level_metrics(level, (strategy, backbone, k)) for k in range(config.folds)]
+            model = {"strategy": strategy, "backbone": backbone}
             for key, _title, get in _TABLE2_METRICS:
-                values = [get(m) if m else None for m in per_fold]
-                mean, std, n = _mean_std(values)
-                rows2.append({"strategy": strategy, "backbone": backbone, "metric": key, "folds": values,
-                              "mean": mean, "std": std, "n_folds": n})
+                rows2.append(_fold_row(per_fold, get, **model, metric=key))
             for node in taxonomy.internal_nodes:
-                values = [(m.get("per_level_accuracy") or {}).get(node) if m else None for m in per_fold]
-                mean, std, n = _mean_std(values)
-                rows3.append({"strategy": strategy, "backbone": backbone, "node": node,
-                              "decision": " vs ".join(taxonomy.children(node)), "folds": values,
-                              "mean": mean, "std": std, "n_folds": n})
+                rows3.append(_fold_row(per_fold, lambda m, node=node: (m.get("per_level_accuracy") or {}).get(node),
+                                       **model, node=node, decision=" vs ".join(taxonomy.children(node))))
             for depth in cut_depths:
-                values = [(m.get("depth_accuracy") or {}).get(depth) if m else None for m in per_fold]
-                mean, std, n = _mean_std(values)
-                rows_depth.append({"strategy": strategy, "backbone": backbone, "depth": int(depth),
-                                   "classes": cut_classes(taxonomy, int(depth)), "folds": values,
-                                   "mean": mean, "std": std, "n_folds": n})
+                rows_depth.append(_fold_row(per_fold, lambda m, depth=depth: (m.get("depth_accuracy") or {}).get(depth),
+                                            **model, depth=int(depth), classes=cut_classes(taxonomy, int(depth))))
         table2[level], table3[level], depths[level] = rows2, rows3, rows_depth
 
     table4 = []
@@ -752,6 +751,16 @@ def _split_kind(tables: dict[str, Any]) -> str:
     return "(no groups: split image by image) " if tables["finished_cells"] else ""
 
 
+def _mean_std_rows(rows: list[dict[str, Any]], folds: int) -> list[str]:
+    """One markdown line per model: its rows' mean ± std, in order."""
+    lines = []
+    for model in dict.fromkeys((r["strategy"], r["backbone"]) for r in rows):
+        cells = [r for r in rows if (r["strategy"], r["backbone"]) == model]
+        lines.append(f"| {model[0]} / {model[1]} | "
+                     + " | ".join(_fmt_mean_std(r["mean"], r["std"], r["n_folds"], folds) for r in cells) + " |")
+    return lines
+
+
 def render_tables_markdown(tables: dict[str, Any]) -> str:
     """The tables as a markdown document (what ``OUT/tables.md`` holds)."""
     s = tables["settings"]
@@ -785,12 +794,7 @@ def render_tables_markdown(tables: dict[str, Any]) -> str:
         lines += [f"## Table 3: accuracy of each decision (mean ± std over folds), {level_title[level]}", "",
                   "| model | " + " | ".join(f"{n}: {d}" for n, d in nodes) + " |",
                   "|---|" + "---:|" * len(nodes)]
-        models = list(dict.fromkeys((r["strategy"], r["backbone"]) for r in rows))
-        for model in models:
-            cells = [r for r in rows if (r["strategy"], r["backbone"]) == model]
-            lines.append(f"| {model[0]} / {model[1]} | "
-                         + " | ".join(_fmt_mean_std(r["mean"], r["std"], r["n_folds"], folds) for r in cells) + " |")
-        lines.append("")
+        lines += _mean_std_rows(rows, folds) + [""]
     for level, rows in (tables.get("depth_accuracy") or {}).items():
         if not rows:
             continue
@@ -800,11 +804,7 @@ def render_tables_markdown(tables: dict[str, Any]) -> str:
                   "flat classifier of that granularity would have. The deepest cut is Table 2's ACC.", "",
                   "| model | " + " | ".join(f"depth {d} ({c} classes)" for d, c in cuts) + " |",
                   "|---|" + "---:|" * len(cuts)]
-        for model in dict.fromkeys((r["strategy"], r["backbone"]) for r in rows):
-            cells = [r for r in rows if (r["strategy"], r["backbone"]) == model]
-            lines.append(f"| {model[0]} / {model[1]} | "
-                         + " | ".join(_fmt_mean_std(r["mean"], r["std"], r["n_folds"], folds) for r in cells) + " |")
-        lines.append("")
+        lines += _mean_std_rows(rows, folds) + [""]
     lines += ["## Table 4: per-class precision / recall / F1 (mean over folds), image level", ""]
     models = list(dict.fromkeys((r["strategy"], r["backbone"]) for r in tables["table4"]))
     for model in models:
