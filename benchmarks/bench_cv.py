@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +110,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from rich.console import Console
 
     from hiercls.cv import CVConfig, cell_dir, run_cv
-    from hiercls.inference import resolve_device, use_channels_last
+    from hiercls.inference import use_channels_last
     from hiercls.taxonomy import load_taxonomy
 
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-    work = Path(tempfile.mkdtemp(prefix="hiercls-bench-cv-"))
-    try:
+    device = bench_fit.benchmark_device(args.device)
+    with bench_fit.scratch_folder("hiercls-bench-cv-", args.keep) as work:
         taxonomy_path = (args.taxonomy or bench_fit.DEFAULT_TAXONOMY).resolve()
         cache = work / "cache"
         data, table, images, labels = bench_fit.prepare_images(
@@ -153,22 +147,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cells.append({"strategy": strategy, "backbone": backbone, "fold": fold, **times})
         summary = grid_summary(cells, raw_rates, args.target_epochs)
         results = {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "device": bench_fit.device_label(device),
             "torch": torch.__version__, "img_size": args.img_size, "batch_size": args.batch_size,
             "compile": args.compile, "precision": args.precision, "folds": args.folds, "epochs": args.epochs,
             "target_epochs": args.target_epochs, "images": len(table), "raw_train_img_per_s": raw_rates,
             **summary,
         }
         _print(results)
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        bench_fit.write_json(args.json, results)
         return results
-    finally:
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _print(results: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,41 @@ class Measure:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def benchmark_device(name: str) -> torch.device:
+    """The device to measure on, with cuDNN autotuning and TF32 matmuls as ``hiercls fit`` sets them."""
+    from hiercls.inference import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
+
+
+def device_label(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+@contextmanager
+def scratch_folder(prefix: str, keep: bool):
+    """A temporary folder for images, cache and runs; deleted at the end unless ``keep``."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        if keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def write_json(path: Path | None, results: dict[str, Any]) -> None:
+    """``results`` as indented JSON at ``path`` (nothing when None)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _sync(device: torch.device) -> None:
@@ -388,17 +424,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every measurement, print the table and return the numbers (also to ``--json``)."""
-    from hiercls.inference import resolve_device, use_channels_last
+    from hiercls.inference import use_channels_last
     from hiercls.taxonomy import load_taxonomy
 
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = benchmark_device(args.device)
     infer_batch = args.infer_batch_size or 4 * args.batch_size
-    work = Path(tempfile.mkdtemp(prefix="hiercls-bench-"))
-    try:
+    with scratch_folder("hiercls-bench-", args.keep) as work:
         taxonomy_path = (args.taxonomy or DEFAULT_TAXONOMY).resolve()
         cache = work / "cache"
         synthetic = args.synthetic or (args.warmup + args.steps + 2) * args.batch_size
@@ -416,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del images
 
         results: dict[str, Any] = {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+            "device": device_label(device),
             "torch": torch.__version__,
             "backbone": args.backbone, "img_size": args.img_size, "batch_size": args.batch_size,
             "infer_batch_size": infer_batch, "precision": args.precision, "compile": args.compile,
@@ -430,15 +462,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cv_bound_hours": cv_bound_hours(raw_train.images_per_second),
         }
         _print(results)
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
         return results
-    finally:
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _print(results: dict[str, Any]) -> None:
