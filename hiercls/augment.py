@@ -55,13 +55,13 @@ def normalize(
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
-def _constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    """``values`` as a ``[1, C, 1, 1]`` tensor on ``like``'s device, copied there once."""
-    key = (tuple(values), like.device, like.dtype)
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``values`` as a ``[1, C, 1, 1]`` tensor on ``device``, copied there once."""
+    key = (tuple(values), device, dtype)
     tensor = _CONSTANTS.get(key)
     if tensor is None:
         with torch.inference_mode(False):
-            tensor = torch.tensor(values, dtype=like.dtype).view(1, -1, 1, 1).to(like.device)
+            tensor = torch.tensor(values, dtype=dtype).view(1, -1, 1, 1).to(device)
         _CONSTANTS[key] = tensor
     return tensor
 
@@ -78,7 +78,8 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _standardize(x: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
-    return _standardize_with(x, _constant(tuple(mean), x), _constant(tuple(std), x), channels_last)
+    mean, std = _constant(tuple(mean), x.device, x.dtype), _constant(tuple(std), x.device, x.dtype)
+    return _standardize_with(x, mean, std, channels_last)
 
 
 def _standardize_with(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -131,15 +132,14 @@ class BatchAugment:
             theta = theta[rows]
             jitter = None if jitter is None else jitter[:, rows]
         device = batch.device
-        reference = torch.empty(0, device=device)
         transform = self._compiled if b == self.compile_batch_size else self._apply
         return transform(
             batch,
             None if self._is_identity(square=(h == w)) else _to_device(theta, device),
             None if jitter is None else _to_device(jitter, device),
-            _constant(self.mean, reference),
-            _constant(self.std, reference),
-            _constant(_GRAY, reference),
+            _constant(self.mean, device),
+            _constant(self.std, device),
+            _constant(_GRAY, device),
         )
 
     def _apply(
