@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ from hiercls.errors import CheckpointError, ConfigError, DataError, HierclsError
 from hiercls.inference import (
     autocast_context,
     build_model,
+    configure_backends,
     normalization_stats,
     predict_conditionals,
     resolve_device,
@@ -77,6 +79,9 @@ __all__ = ["fit", "RunResult", "TrainingError", "validation_metrics", "CHECK_EVE
 #: Steps between host-device synchronisations (loss finiteness, progress numbers, Ctrl-C
 #: agreement between processes). Each unit's epoch also ends with one.
 CHECK_EVERY = 25
+
+#: How long a process of a multi-process run waits for the others at a collective.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
 
 
 class TrainingError(HierclsError):
@@ -149,14 +154,18 @@ def _load_cache(config: FitConfig, paths: list[Path], progress: bool) -> np.ndar
 
 
 def _images_on_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The decoded training set as one uint8 tensor: on the GPU if it fits, else pinned memory."""
+    """The decoded training set as one uint8 tensor: on the GPU if it fits, else in host memory.
+
+    The host copy is not pinned: pinning rounds the allocation up to a power of two (a 33 GB
+    set would pin 64 GB); each batch is gathered into a pinned staging buffer instead (``_gather``).
+    """
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     if device.type != "cuda":
         return tensor
     free, _total = torch.cuda.mem_get_info(device)
     if tensor.numel() < 0.4 * free:
         return tensor.to(device)
-    return tensor.pin_memory()
+    return tensor
 
 
 # -- optimisation -------------------------------------------------------------------------
@@ -278,8 +287,11 @@ def _init_distributed(config: FitConfig) -> _Dist:
     if not torch.distributed.is_initialized():
         cuda = config.device != "cpu" and torch.cuda.is_available()
         if cuda:
+            _check_local_rank(rank, local_rank)
             torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+        # generous: rank 0 may decode a large dataset into the cache while the others wait;
+        # when a process fails, torchrun stops the others rather than leaving them waiting
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
         owned = True
     return _Dist(world, rank, local_rank, owned)
 
@@ -288,23 +300,17 @@ def _process_device(config: FitConfig, dist: _Dist) -> torch.device:
     """``config.device``; under torchrun, CUDA device ``LOCAL_RANK`` of this machine."""
     device = resolve_device(config.device)
     if dist.active and device.type == "cuda":
-        if dist.local_rank >= torch.cuda.device_count():
-            raise ConfigError(
-                f"process {dist.rank} has LOCAL_RANK {dist.local_rank} but this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s); use --nproc-per-node {torch.cuda.device_count()} or less"
-            )
+        _check_local_rank(dist.rank, dist.local_rank)
         device = torch.device("cuda", dist.local_rank)
     return device
 
 
-def _configure_backends(device: torch.device, deterministic: bool) -> None:
-    """cuDNN autotuning and TF32 matmuls on CUDA, unless bit-stable reruns are asked for."""
-    if device.type != "cuda":
-        return
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cuda.matmul.allow_tf32 = not deterministic
-    torch.backends.cudnn.allow_tf32 = not deterministic
+def _check_local_rank(rank: int, local_rank: int) -> None:
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"process {rank} has LOCAL_RANK {local_rank} but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s); use --nproc-per-node {torch.cuda.device_count()} or less"
+        )
 
 
 def _wrap(module: torch.nn.Module, dist: _Dist, device: torch.device, compile: bool):
@@ -488,7 +494,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
         paths = RunPaths(Path(config.out))
     torch.manual_seed(config.seed)
     device = _process_device(config, dist)
-    _configure_backends(device, config.deterministic)
+    configure_backends(device, config.deterministic)
     prepared = _prepare_data(config)
     taxonomy, table = prepared.taxonomy, prepared.table
     split = _split_record(table, prepared.train_idx, prepared.val_idx)
@@ -785,13 +791,13 @@ def _loss_dtype(device: torch.device) -> torch.dtype:
 def _gather(images: torch.Tensor, targets: torch.Tensor, idx: torch.Tensor, device: torch.device):
     """The uint8 images and labels of ``idx`` on ``device``.
 
-    Resident images are indexed where they are; pinned host images are gathered straight
-    into a pinned staging buffer and copied without blocking the host.
+    Resident images are indexed where they are; host images bound for a GPU are gathered
+    straight into a pinned staging buffer and copied without blocking the host.
     """
     if images.device.type == "cuda" or device.type == "cpu":
         return images[idx], targets[idx]
     idx = idx.cpu()
-    staged = torch.empty((len(idx), *images.shape[1:]), dtype=images.dtype, pin_memory=images.is_pinned())
+    staged = torch.empty((len(idx), *images.shape[1:]), dtype=images.dtype, pin_memory=device.type == "cuda")
     torch.index_select(images, 0, idx, out=staged)
     return staged.to(device, non_blocking=True), targets[idx].to(device, non_blocking=True)
 

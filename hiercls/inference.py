@@ -42,6 +42,7 @@ __all__ = [
     "decode",
     "resolve_device",
     "autocast_context",
+    "configure_backends",
     "normalization_stats",
     "use_channels_last",
     "build_model",
@@ -67,6 +68,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
     return torch.device(name)
+
+
+def configure_backends(device: torch.device, deterministic: bool = False) -> None:
+    """cuDNN autotuning and TF32 matmuls on CUDA, unless bit-stable reruns are asked for."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
 
 
 def autocast_context(device: torch.device, precision: str = "auto"):
@@ -111,11 +122,13 @@ def predict_conditionals(
     On CUDA the next batch is copied from pinned host memory on a side stream while the
     current one is computed, and the results stay on the GPU until the end: the host never
     waits for the GPU between batches. ``forward`` replaces ``model.node_conditionals``
-    (e.g. a compiled version of it); ``fixed_batch`` pads the last batch to ``batch_size``, so a
-    compiled ``forward`` sees one shape only (one compilation instead of two).
+    (e.g. a compiled version of it); with ``fixed_batch`` only full batches go through it and a
+    smaller last batch runs eagerly, so a compiled ``forward`` sees one shape (one compilation,
+    and no padded images computed for nothing).
     """
     mean, std = normalization_stats(model)
-    forward = forward or model.node_conditionals
+    eager = model.node_conditionals
+    forward = forward or eager
     n = len(images)
     was_training = model.training
     model.eval()
@@ -127,13 +140,11 @@ def predict_conditionals(
             task = bar.add_task(description, total=n)
             for start, batch in _device_batches(images, batch_size, device):
                 size = len(batch)
-                if fixed_batch and size < batch_size:
-                    batch = torch.cat([batch, batch.new_zeros((batch_size - size, *batch.shape[1:]))])
                 x = normalize(batch, mean, std, channels_last)
                 with autocast_context(device, precision):
-                    cond = forward(x)
-                out[start : start + size] = cond[:size].float()
-                bar.advance(task, len(batch))
+                    cond = eager(x) if fixed_batch and size < batch_size else forward(x)
+                out[start : start + size] = cond.float()
+                bar.advance(task, size)
             result = out.cpu().numpy().astype(np.float64)
     finally:
         model.train(was_training)
@@ -304,9 +315,7 @@ def predict_table(
 
     config = loaded_run.config
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = not config.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = not config.deterministic
+    configure_backends(dev, config.deterministic)
     model = loaded_run.model.to(dev)
     channels_last = use_channels_last(config.channels_last, dev)
     if channels_last:

@@ -128,6 +128,17 @@ def test_a_training_step_never_waits_for_the_device(smears, tmp_path, monkeypatc
     assert recorder.found == [], f"host-device syncs inside a {strategy} / {loss} training step: {recorder.found}"
 
 
+@pytest.mark.parametrize("strategy, loss", [("flat", "hxe"), ("flat", "soft_labels"), ("joint", "hxe")])
+def test_the_tree_losses_of_the_hxe_plugin_stay_sync_free(smears, tmp_path, monkeypatch, strategy, loss):
+    pytest.importorskip("hiercls_hxe", reason="the hiercls-hxe plugin is not installed (pip install -e plugins/hiercls-hxe)")
+    recorder = record_syncs(monkeypatch)
+    steps = []
+    config = make_config(smears, tmp_path / "run", strategy=strategy, loss=loss, epochs=1)
+    fit(config, progress=False, on_step=lambda *a: steps.append(a))
+    assert steps, "no training step ran"
+    assert recorder.found == [], f"host-device syncs inside a {strategy} / {loss} training step: {recorder.found}"
+
+
 def test_partial_labels_and_level_weights_stay_sync_free(smears, tmp_path, monkeypatch):
     recorder = record_syncs(monkeypatch)
     config = make_config(smears, tmp_path / "run", strategy="joint", epochs=1,
@@ -207,7 +218,7 @@ def test_compiled_augmentation_equals_eager():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
 
 
-def test_padding_the_last_batch_changes_no_prediction(smears, tmp_path):
+def test_a_fixed_batch_forward_sees_full_batches_only_and_changes_no_prediction(smears, tmp_path):
     from hiercls.inference import load_run, predict_conditionals
 
     run = tmp_path / "run"
@@ -216,9 +227,16 @@ def test_padding_the_last_batch_changes_no_prediction(smears, tmp_path):
     images = torch.randint(0, 256, (11, 16, 16, 3), dtype=torch.uint8)
     common = dict(batch_size=4, device=torch.device("cpu"), progress=False)
     plain = predict_conditionals(model, images, **common)
-    padded = predict_conditionals(model, images, fixed_batch=True, **common)
-    assert plain.shape == padded.shape == (11, model.taxonomy.num_nodes)
-    np.testing.assert_allclose(padded, plain, atol=1e-6)
+    seen = []
+
+    def forward(x):
+        seen.append(len(x))
+        return model.node_conditionals(x)
+
+    fixed = predict_conditionals(model, images, fixed_batch=True, forward=forward, **common)
+    assert seen == [4, 4]  # the last 3 images went the eager way
+    assert plain.shape == fixed.shape == (11, model.taxonomy.num_nodes)
+    np.testing.assert_allclose(fixed, plain, atol=1e-6)
 
 
 @needs_compiler
@@ -236,5 +254,5 @@ def test_compiled_prediction_is_one_graph_and_equals_eager(smears, tmp_path):
     torch._dynamo.reset()
     counters.clear()
     compiled = predict_table(loaded, table, batch_size=12, device="cpu", progress=False, compile=True)
-    assert counters["stats"]["unique_graphs"] == 1  # the last batch is padded, not recompiled
+    assert counters["stats"]["unique_graphs"] == 1  # the last batch runs eagerly, not recompiled
     np.testing.assert_allclose(compiled.conditional, eager.conditional, atol=1e-4)

@@ -92,12 +92,16 @@ def test_column_permutation_requires_every_node_once(leukemia):
         tree_ops.column_permutation(leukemia, produced[:-1])
 
 
-def test_flat_conditionals_match_numpy_reference(blood_cells):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "under-bf16-autocast"])
+def test_flat_conditionals_match_numpy_reference(blood_cells, autocast):
+    """Also under bf16 autocast (validation and predict run there on a GPU): still float32, exact."""
     torch.manual_seed(0)
     logits = torch.randn(7, len(blood_cells.leaves)) * 3
-    pieces = tree_ops.conditionals_from_leaf_logits(logits, _decisions(blood_cells))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        pieces = tree_ops.conditionals_from_leaf_logits(logits, _decisions(blood_cells))
     perm = tree_ops.column_permutation(blood_cells, _produced(blood_cells))
     cond = tree_ops.assemble_conditionals(pieces, perm)
+    assert cond.dtype == torch.float32
     leaf_probs = torch.softmax(logits, 1).double().numpy()
     reference = NodeProbabilities.from_leaf_probabilities(blood_cells, leaf_probs)
     np.testing.assert_allclose(cond.numpy(), reference.conditional, atol=1e-5)

@@ -196,7 +196,9 @@ def conditionals_from_leaf_logits(
     out = []
     for leaf_columns, membership in decisions:
         local = torch.softmax(logits.index_select(1, leaf_columns), dim=1)
-        out.append(local @ membership)
+        # a product and a sum, not a matmul: autocast would run ``@`` in bf16 (children's
+        # probabilities then miss summing to 1 by ~1e-3)
+        out.append((local.unsqueeze(2) * membership.to(local.dtype)).sum(dim=1))
     return out
 
 

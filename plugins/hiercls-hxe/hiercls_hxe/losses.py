@@ -89,14 +89,38 @@ class HierarchicalCrossEntropy(nn.Module):
         weights = torch.tensor([edge_weight(tax, c, alpha, measure) for c in self.classes], dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
         if self.flat:
-            # every node on a path from the root to a class; membership[u, c] = u is c or above it
-            on_paths = {a for c in self.classes for a in tax.path(c)}
-            self.path_nodes = tuple(n for n in tax.nodes if n in on_paths)
-            member = torch.tensor(
-                [[tax.is_ancestor(u, c) for c in self.classes] for u in self.path_nodes], dtype=torch.bool
-            )
-            self.register_buffer("membership", member, persistent=False)
-            self._coefficients: dict[tuple[int, ...], tuple[list[float], float]] = {}
+            self._build_flat_tables(tax)
+
+    def _build_flat_tables(self, tax: Taxonomy) -> None:
+        """Per path node ``u`` (every node on a path from the root to a class), as buffers:
+
+        ``membership[u, c]`` u is c or above it; ``path_coef[u]`` the coefficients of log P(node)
+        when the marks are exactly u's classes (the weighted edges of u's path); ``depth[u]``;
+        ``into[u]`` the weight of the edge into u; ``child_of[u, v]`` v is a child of u.
+        With these the loss of any mask is a few batched tensor ops: no per-pattern Python
+        loop and nothing that makes the host wait for the GPU.
+        """
+        on_paths = {a for c in self.classes for a in tax.path(c)}
+        self.path_nodes = tuple(n for n in tax.nodes if n in on_paths)
+        position = {n: i for i, n in enumerate(self.path_nodes)}
+        size = len(self.path_nodes)
+        member = torch.tensor([[tax.is_ancestor(u, c) for c in self.classes] for u in self.path_nodes])
+        path_coef = torch.zeros(size, size)
+        child_of = torch.zeros(size, size, dtype=torch.bool)
+        into = torch.zeros(size)
+        for u, node in enumerate(self.path_nodes):
+            path = tax.path(node)
+            for parent, child in zip(path[:-1], path[1:]):
+                weight = edge_weight(tax, child, self.alpha, self.measure)
+                path_coef[u, position[child]] -= weight
+                path_coef[u, position[parent]] += weight
+            if len(path) > 1:
+                into[u] = edge_weight(tax, node, self.alpha, self.measure)
+                child_of[position[path[-2]], u] = True
+        depth = torch.tensor([tax.depth(n) for n in self.path_nodes])
+        for name, value in [("membership", member.float()), ("path_coef", path_coef), ("child_of", child_of),
+                            ("into", into), ("depth", depth)]:
+            self.register_buffer(name, value, persistent=False)
 
     def forward(self, logits: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         mask = target_mask.to(device=logits.device, dtype=torch.bool)
@@ -105,45 +129,33 @@ class HierarchicalCrossEntropy(nn.Module):
             return torch.where(mask.any(dim=1), loss, torch.zeros_like(loss))
         log_p = torch.log_softmax(logits.float(), dim=1)  # [B, C]
         node_log_p = torch.logsumexp(
-            log_p[:, None, :].masked_fill(~self.membership[None], float("-inf")), dim=2
+            log_p[:, None, :].masked_fill(self.membership[None] == 0, float("-inf")), dim=2
         )  # [B, U]: log P(node)
-        patterns, inverse = torch.unique(mask, dim=0, return_inverse=True)
-        coef_rows, q_rows = [], []
-        for pattern in patterns:
-            coef, q = self._pattern_coefficients(tuple(torch.nonzero(pattern).flatten().tolist()))
-            coef_rows.append(coef)
-            q_rows.append(q)
-        coef = torch.tensor(coef_rows, dtype=log_p.dtype, device=log_p.device)[inverse]  # [B, U]
-        q = torch.tensor(q_rows, dtype=log_p.dtype, device=log_p.device)[inverse]  # [B]
+        coef, q = self._coefficients(mask)
         finite = torch.where(coef != 0, node_log_p, torch.zeros_like(node_log_p))
         loss = (coef * finite).sum(dim=1)
         return loss + torch.where(q != 0, q * masked_log_prob(logits, mask), torch.zeros_like(loss))
 
-    def _pattern_coefficients(self, marked: tuple[int, ...]) -> tuple[list[float], float]:
-        """Coefficients of log P(node) per path node, and of log P(marked), for one mask pattern."""
-        if marked in self._coefficients:
-            return self._coefficients[marked]
-        tax, position = self.taxonomy, {n: i for i, n in enumerate(self.path_nodes)}
-        coef = [0.0] * len(self.path_nodes)
-        q = 0.0
-        if marked:
-            names = [self.classes[i] for i in marked]
-            lca = names[0]
-            for name in names[1:]:
-                lca = tax.lowest_common_ancestor(lca, name)
-            path = tax.path(lca)
-            for parent, child in zip(path[:-1], path[1:]):
-                weight = edge_weight(tax, child, self.alpha, self.measure)
-                coef[position[child]] -= weight
-                coef[position[parent]] += weight
-            under = {i for i, c in enumerate(self.classes) if tax.is_ancestor(lca, c)}
-            if set(marked) != under:  # marks are only part of the subtree: one more (partial) edge
-                below = {c for c in tax.children(lca) if any(tax.is_ancestor(c, n) for n in names)}
-                weight = sum(edge_weight(tax, c, self.alpha, self.measure) for c in below) / len(below)
-                coef[position[lca]] += weight
-                q = -weight
-        self._coefficients[marked] = (coef, q)
-        return coef, q
+    def _coefficients(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: coefficients ``[B, U]`` of log P(node), and ``[B]`` of log P(marked).
+
+        The marks' lowest common ancestor is the deepest path node whose classes hold them all;
+        its path's edges count. When the marks are only part of its classes, one more (partial)
+        edge counts: the mean weight of the edges into its children that hold a mark.
+        """
+        marks = mask.float()
+        hits = marks @ self.membership.T  # [B, U]: marked classes under each node
+        marked = marks.sum(dim=1)
+        covers = hits == marked[:, None]
+        lca = torch.where(covers, self.depth, -1).argmax(dim=1)  # [B]
+        coef = self.path_coef[lca]
+        below = self.child_of[lca] & (hits > 0)
+        partial_weight = (below * self.into).sum(dim=1) / below.sum(dim=1).clamp(min=1)
+        partial = marked < self.membership.sum(dim=1)[lca]
+        weight = torch.where(partial, partial_weight, torch.zeros_like(partial_weight))
+        coef = coef.scatter_add(1, lca[:, None], weight[:, None])
+        labelled = (marked > 0).to(coef.dtype)  # a row without a mark adds nothing
+        return coef * labelled[:, None], -weight * labelled
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, measure={self.measure}, flat={self.flat}, classes={len(self.classes)}"
@@ -163,15 +175,9 @@ class SoftLabelCrossEntropy(nn.Module):
     def targets(self, target_mask: torch.Tensor) -> torch.Tensor:
         """Soft target distributions ``[B, C]`` for a mask (distance to the nearest marked class)."""
         mask = target_mask.to(device=self.distance.device, dtype=torch.bool)
-        patterns, inverse = torch.unique(mask, dim=0, return_inverse=True)
-        rows = []
-        for pattern in patterns:
-            if pattern.any():
-                nearest = self.distance[pattern].min(dim=0).values
-            else:
-                nearest = torch.zeros_like(self.distance[0])
-            rows.append(torch.softmax(-self.beta * nearest, dim=0))
-        return torch.stack(rows)[inverse]
+        nearest = self.distance[None].masked_fill(~mask[:, :, None], float("inf")).amin(dim=1)  # [B, C]
+        nearest = torch.where(mask.any(dim=1, keepdim=True), nearest, torch.zeros_like(nearest))
+        return torch.softmax(-self.beta * nearest, dim=1)
 
     def forward(self, logits: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         soft = self.targets(target_mask).to(logits.device)
