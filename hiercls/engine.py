@@ -534,7 +534,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
 
     start_epoch, best_metric, best_epoch, position = 0, None, None, None
     if resume:
-        start_epoch, best_metric, best_epoch, position = _restore(paths, model, units)
+        start_epoch, best_metric, best_epoch, position = _restore(paths, model, units, device)
         if start_epoch > config.epochs:
             raise ConfigError(
                 f"{paths.root}: the run has already finished {start_epoch} epochs; --epochs {config.epochs} "
@@ -593,7 +593,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
             "best_metric": best_metric,
             "best_epoch": best_epoch,
             "units": [{"name": u.name, "optimizer": u.optimizer.state_dict(), "scheduler": u.scheduler.state_dict()} for u in units],
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": _rng_state(device),
             "generator": generator.get_state(),
             "running": running,
             "step_losses": None if step_losses is None else step_losses.detach().cpu(),
@@ -623,7 +623,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
                 if position and ui == first_unit:
                     skip = position["step"]
                     generator.set_state(position["generator"])
-                    torch.set_rng_state(position["torch_rng"])
+                    _restore_rng(position["torch_rng"], device)
                     if position.get("step_losses") is not None:
                         step_losses.copy_(position["step_losses"].to(_loss_dtype(device)))
                 position = None
@@ -819,7 +819,7 @@ def _guard_oom(call: Callable, config: FitConfig):
         ) from None
 
 
-def _restore(paths: RunPaths, model, units: list[_Unit]):
+def _restore(paths: RunPaths, model, units: list[_Unit], device: torch.device):
     """Load weights, optimizer/scheduler state and loop position from the last checkpoint."""
     recover_checkpoint(paths.checkpoints, "last")  # finish (or drop) a save a kill interrupted
     load_weights(paths.weights("last"), model)
@@ -846,10 +846,26 @@ def _restore(paths: RunPaths, model, units: list[_Unit]):
         position.update(generator=state["generator"], torch_rng=state["torch_rng"], running=state.get("running", {}),
                         step_losses=state.get("step_losses"))
     else:
-        torch.set_rng_state(state["torch_rng"])
+        _restore_rng(state["torch_rng"], device)
         position = None
     start_epoch = state["position"]["epoch"]
     return start_epoch, state.get("best_metric"), state.get("best_epoch"), position
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's random state on the host and, on CUDA, the device's (dropout, drop-path)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict[str, torch.Tensor] | torch.Tensor, device: torch.device) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints of hiercls 0.1.0 kept the host state only
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ batches and returns ``NodeProbabilities``, the object every downstream step take
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,10 @@ def configure_backends(device: torch.device, deterministic: bool = False) -> Non
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cuda.matmul.allow_tf32 = not deterministic
     torch.backends.cudnn.allow_tf32 = not deterministic
+    if deterministic:
+        # cuBLAS reads this when it starts; torch warns where an op has no deterministic kernel
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def autocast_context(device: torch.device, precision: str = "auto"):
