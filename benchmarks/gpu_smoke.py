@@ -5,7 +5,7 @@ CPU twins. A device session is short; this script spends about two minutes of it
 breaks on CUDA before the long benchmarks do:
 
 - ``compile``: ``torch.compile`` with the triton backend on one small function;
-- ``fit/<strategy>``: a tiny ``fit`` of every strategy (joint and per_node compiled) with
+- ``fit/<strategy>``: a tiny ``fit`` of every strategy (joint compiled) with
   ``torch.cuda.set_sync_debug_mode("warn")`` while each training step runs: the host must never
   wait for the GPU inside a step (the CPU tests check the ops; this checks the real thing);
 - ``fit/host-images``: the same fit with the training set kept in host memory (as when it does
@@ -36,7 +36,7 @@ import torch
 from bench_fit import DEFAULT_TAXONOMY, device_label, scratch_folder, write_json, write_synthetic
 
 STRATEGIES = ("flat", "per_node", "per_level", "joint")
-COMPILED = {"joint", "per_node"}
+COMPILED = {"joint"}  # one compiled strategy: each compilation costs device minutes
 
 
 def fit_config(data: Path, out: Path, device: str, **overrides):
