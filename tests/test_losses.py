@@ -222,3 +222,24 @@ def test_soft_labels_tend_to_ce_and_follow_tree_distance(logits):
     assert torch.isclose(partial[2], partial[3]) and partial[2] > partial[4] > partial[0]
     with pytest.raises(ConfigError, match="beta"):
         create_loss("soft_labels", flat_context(), beta=0)
+
+
+def test_flat_hxe_under_bf16_autocast_matches_fp32_on_a_wide_tree():
+    """Counting marks must stay exact under autocast (bf16 counts exactly only to 256)."""
+    wide = Taxonomy.from_nested({"many": {f"x{i}": {} for i in range(303)}, "few": {"y": {}, "z": {}}}, name="w")
+    context = LossContext.flat(wide, None)
+    torch.manual_seed(0)
+    logits = torch.randn(3, len(context.classes))
+    mask = torch.zeros(3, len(context.classes), dtype=torch.bool)
+    mask[0, :303] = True  # labelled "many": only the root decision counts
+    mask[1, 303] = True  # a leaf, "y"
+    mask[2, :301] = True  # 301 of the 303: a partial label below "many"
+    loss = create_loss("hxe", context, alpha=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss(logits, mask)
+    torch.testing.assert_close(mixed, loss(logits, mask))
+    log_many = torch.logsumexp(torch.log_softmax(logits, 1)[:, :303], 1)
+    torch.testing.assert_close(mixed[0], -math.exp(-0.5) * log_many[0])
+    log_marked = torch.logsumexp(torch.log_softmax(logits, 1)[2, :301], 0)
+    w1, w2 = math.exp(-0.5), math.exp(-1.0)  # edges into "many" (depth 1) and into its leaves (depth 2)
+    torch.testing.assert_close(mixed[2], -w1 * log_many[2] - w2 * (log_marked - log_many[2]))

@@ -118,7 +118,7 @@ class HierarchicalCrossEntropy(nn.Module):
                 into[u] = edge_weight(tax, node, self.alpha, self.measure)
                 child_of[position[path[-2]], u] = True
         depth = torch.tensor([tax.depth(n) for n in self.path_nodes])
-        for name, value in [("membership", member.float()), ("path_coef", path_coef), ("child_of", child_of),
+        for name, value in [("membership", member), ("path_coef", path_coef), ("child_of", child_of),
                             ("into", into), ("depth", depth)]:
             self.register_buffer(name, value, persistent=False)
 
@@ -129,7 +129,7 @@ class HierarchicalCrossEntropy(nn.Module):
             return torch.where(mask.any(dim=1), loss, torch.zeros_like(loss))
         log_p = torch.log_softmax(logits.float(), dim=1)  # [B, C]
         node_log_p = torch.logsumexp(
-            log_p[:, None, :].masked_fill(self.membership[None] == 0, float("-inf")), dim=2
+            log_p[:, None, :].masked_fill(~self.membership[None], float("-inf")), dim=2
         )  # [B, U]: log P(node)
         coef, q = self._coefficients(mask)
         finite = torch.where(coef != 0, node_log_p, torch.zeros_like(node_log_p))
@@ -143,15 +143,15 @@ class HierarchicalCrossEntropy(nn.Module):
         its path's edges count. When the marks are only part of its classes, one more (partial)
         edge counts: the mean weight of the edges into its children that hold a mark.
         """
-        marks = mask.float()
-        hits = marks @ self.membership.T  # [B, U]: marked classes under each node
-        marked = marks.sum(dim=1)
+        # integer counts, not a matmul: autocast would run one in bf16, inexact above 256 classes
+        hits = (mask[:, None, :] & self.membership[None]).sum(dim=2)  # [B, U]: marked classes under each node
+        marked = mask.sum(dim=1)
         covers = hits == marked[:, None]
         lca = torch.where(covers, self.depth, -1).argmax(dim=1)  # [B]
         coef = self.path_coef[lca]
         below = self.child_of[lca] & (hits > 0)
         partial_weight = (below * self.into).sum(dim=1) / below.sum(dim=1).clamp(min=1)
-        partial = marked < self.membership.sum(dim=1)[lca]
+        partial = marked < self.membership.sum(dim=1)[lca]  # the marks are only part of the LCA's classes
         weight = torch.where(partial, partial_weight, torch.zeros_like(partial_weight))
         coef = coef.scatter_add(1, lca[:, None], weight[:, None])
         labelled = (marked > 0).to(coef.dtype)  # a row without a mark adds nothing
