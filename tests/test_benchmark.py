@@ -147,3 +147,40 @@ def test_cv_benchmark_runs_the_grid(tmp_path, capsys):
         assert cell["bound_seconds"] > 0
     assert results["total"]["ratio"] > 0 and json.loads(out.read_text())["folds"] == 2
     assert "grid" in capsys.readouterr().out
+
+
+def load_plain_timm():
+    load_bench()  # plain_timm imports its sibling by name
+    spec = importlib.util.spec_from_file_location("plain_timm", BENCH.parent / "plain_timm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plain_timm_reference_trains_on_the_runs_split_with_folder_labels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    plain = load_plain_timm()
+    rng = np.random.default_rng(0)
+    paths = {"train": [], "val": []}
+    for folder in ("b_cells", "a_cells"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for i in range(6):
+            path = tmp_path / "data" / folder / f"{i}.jpg"
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+            paths["val" if i >= 4 else "train"].append(str(path))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "split.json").write_text(json.dumps(paths))
+    out = tmp_path / "plain.json"
+    results = plain.main(["--run", str(run), "--backbone", "test_resnet", "--img-size", "16", "--epochs", "2",
+                          "--batch-size", "4", "--workers", "0", "--eval-every", "1", "--device", "cpu",
+                          "--json", str(out)])
+    assert results["classes"] == ["a_cells", "b_cells"]  # sorted folder names, as ImageFolder
+    assert (results["n_train"], results["n_val"]) == (8, 4)
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert 0.0 <= results["val_accuracy"] <= 1.0
+    assert json.loads(out.read_text())["val_accuracy"] == results["val_accuracy"]
+    with pytest.raises(SystemExit, match="split.json"):
+        plain.main(["--run", str(tmp_path / "data")])
