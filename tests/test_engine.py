@@ -188,6 +188,20 @@ def test_resume_two_plus_one_epochs_equals_three(smears, tmp_path):
     assert [drop_time(r) for r in metrics_of(tmp_path / "straight")] == [drop_time(r) for r in metrics_of(tmp_path / "resumed")]
 
 
+def test_a_training_state_of_hiercls_0_1_0_still_resumes(smears, tmp_path):
+    """0.1.0 kept torch's host random state as a bare tensor; now a dict (host and CUDA)."""
+    fit(make_config(smears, tmp_path / "straight", epochs=3, scheduler="none"), progress=False)
+    fit(make_config(smears, tmp_path / "old", epochs=2, scheduler="none"), progress=False)
+    state_path = tmp_path / "old" / "checkpoints" / "last.state.pt"
+    state = torch.load(state_path, weights_only=False)
+    assert set(state["torch_rng"]) == {"cpu"}
+    state["torch_rng"] = state["torch_rng"]["cpu"]
+    torch.save(state, state_path)
+    fit(make_config(smears, tmp_path / "old", epochs=3, scheduler="none"), resume=True, progress=False)
+    straight, old = state_of(tmp_path / "straight"), state_of(tmp_path / "old")
+    assert all(torch.equal(straight[k], old[k]) for k in straight)
+
+
 def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(smears, tmp_path):
     fit(make_config(smears, tmp_path / "straight"), progress=False)
 
