@@ -104,12 +104,17 @@ def test_table_rows_carry_the_ratios(tmp_path, capsys):
     assert "| vit_small_patch16_384 | yes | 1,000 | 960 | 0.960 | 1,000 | 910 | 0.910 | 3.2 | 1.10 | 1.00 | 1.100 |" in printed
 
 
-def load_bench_cv():
-    load_bench()  # bench_cv imports its sibling by name
-    spec = importlib.util.spec_from_file_location("bench_cv", BENCH.parent / "bench_cv.py")
+def load_sibling(name: str):
+    """Another script of benchmarks/; they import bench_fit by name, so it is loaded first."""
+    load_bench()
+    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_bench_cv():
+    return load_sibling("bench_cv")
 
 
 def test_cv_cells_extrapolate_from_their_steady_epochs(tmp_path):
@@ -149,19 +154,11 @@ def test_cv_benchmark_runs_the_grid(tmp_path, capsys):
     assert "grid" in capsys.readouterr().out
 
 
-def load_plain_timm():
-    load_bench()  # plain_timm imports its sibling by name
-    spec = importlib.util.spec_from_file_location("plain_timm", BENCH.parent / "plain_timm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_plain_timm_reference_trains_on_the_runs_split_with_folder_labels(tmp_path):
     import numpy as np
     from PIL import Image
 
-    plain = load_plain_timm()
+    plain = load_sibling("plain_timm")
     rng = np.random.default_rng(0)
     paths = {"train": [], "val": []}
     for folder in ("b_cells", "a_cells"):
