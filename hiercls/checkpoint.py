@@ -15,8 +15,10 @@ new set whose renames ``recover_checkpoint`` finishes. All parts carry the same
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "non_finite_tensors",
     "save_weights",
     "load_weights",
     "save_checkpoint",
@@ -57,10 +60,26 @@ def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding NaN or inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_weights(path: str | Path, module: torch.nn.Module, checkpoint_id: str | None = None) -> Path:
-    """Write ``module``'s state dict as safetensors (pickle-free), atomically."""
+    """Write ``module``'s state dict as safetensors (pickle-free), atomically.
+
+    Weights holding NaN or inf are refused: such a model predicts nothing meaningful, and a
+    checkpoint of it would look like a success.
+    """
+    state = _plain_state(module)
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointError(
+            f"{path}: refusing to save weights with NaN or inf values ({len(bad)} tensors, e.g. {bad[0]}); "
+            "training diverged: try a lower --lr"
+        )
     metadata = {"checkpoint_id": checkpoint_id} if checkpoint_id else None
-    return atomic_write_bytes(path, safetensors_save(_plain_state(module), metadata=metadata))
+    return atomic_write_bytes(path, safetensors_save(state, metadata=metadata))
 
 
 def weights_checkpoint_id(path: str | Path) -> str | None:
@@ -83,6 +102,12 @@ def load_weights(path: str | Path, module: torch.nn.Module) -> None:
         raise CheckpointError(f"{path}: checkpoint weights not found") from None
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{path}: cannot read checkpoint weights ({exc})") from None
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointError(
+            f"{path}: the checkpoint's weights hold NaN or inf values ({len(bad)} tensors, e.g. {bad[0]}); "
+            "the model diverged in training and cannot predict. Retrain it (e.g. with a lower --lr)"
+        )
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -115,6 +140,19 @@ def save_checkpoint(
     """
     folder = Path(folder)
     recover_checkpoint(folder, name)
+    try:
+        return _save_parts(folder, name, module, metadata, training_state)
+    except OSError as exc:
+        recover_checkpoint(folder, name)  # drop the uncommitted parts: they hold the space a retry needs
+        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+        raise CheckpointError(
+            f"{folder}: cannot write checkpoint '{name}' ({reason}); the previous '{name}' checkpoint is kept. "
+            f"Free some space, then continue with `hiercls fit --out {folder.parent} --resume`"
+        ) from None
+
+
+def _save_parts(folder: Path, name: str, module: torch.nn.Module, metadata: dict[str, Any],
+                training_state: dict[str, Any] | None) -> Path:
     checkpoint_id = uuid.uuid4().hex
     state_path, weights_path, meta_path = _parts(folder, name)
     if training_state is not None:
@@ -161,12 +199,34 @@ def save_training_state(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f), "wb")
 
 
-def load_training_state(path: str | Path) -> dict[str, Any]:
+def load_training_state(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """Read a training state written by ``save_training_state``, never executing code from it.
+
+    A run folder is data people hand each other, so the file is untrusted: it is unpickled
+    with ``weights_only=True`` (tensors, numbers, strings and containers only; any other
+    object, such as a crafted ``__reduce__``, is refused before it can run), and a file
+    larger than ``max_bytes`` is refused before it is read.
+    """
     path = Path(path)
     try:
-        # Written by hiercls itself (optimizer state holds plain tensors and numbers).
-        return torch.load(path, map_location="cpu", weights_only=False)
+        size = path.stat().st_size
     except FileNotFoundError:
         raise CheckpointError(f"{path}: training state not found; the run cannot be resumed") from None
+    if max_bytes is not None and size > max_bytes:
+        raise CheckpointError(
+            f"{path}: training state is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB "
+            "a state of this model can take; it was not written by hiercls for this run"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refusing to load the training state: it holds objects other than tensors and numbers "
+            f"({first}); it was not written by hiercls, or was tampered with. Do not resume this run folder"
+        ) from None
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read training state ({exc}); the run cannot be resumed") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: training state is a {type(state).__name__}, not a dict; the run cannot be resumed")
+    return state

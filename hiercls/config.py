@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from hiercls.errors import ConfigError
-from hiercls.io import read_user_text, yaml_error_message
+from hiercls.io import YamlTooLarge, load_yaml, read_user_text, yaml_error_message
 
 __all__ = ["AugmentConfig", "FitConfig", "load_config", "read_config_file", "PATH_OPTIONS"]
 
@@ -90,12 +90,12 @@ class FitConfig(BaseModel):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     # AdamW at 3e-4 is a robust fine-tuning default for both CNNs and ViTs at batch size 32.
-    lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
+    lr: float = Field(3e-4, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.05, ge=0, allow_inf_nan=False)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)
     scheduler: Literal["cosine", "none"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0, allow_inf_nan=False)
     # None means 0.2, unless fold/folds choose a cross-validation fold instead.
     val_fraction: float | None = Field(None, ge=0, lt=1)
     fold: int | None = Field(None, ge=0)
@@ -105,8 +105,9 @@ class FitConfig(BaseModel):
     # The resumable `last` checkpoint is written after an epoch when this many minutes have passed
     # since the previous one, after the last epoch, with every new best, and on Ctrl-C; 0: every
     # epoch. Short GPU epochs (seconds) would otherwise spend much of their time writing weights.
-    checkpoint_minutes: float = Field(5.0, ge=0)
-    seed: int = 0
+    checkpoint_minutes: float = Field(5.0, ge=0, allow_inf_nan=False)
+    # numpy and torch take seeds in [0, 2**32): a negative one is refused here, not deep in a split
+    seed: int = Field(0, ge=0, lt=2**32)
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
@@ -121,6 +122,8 @@ class FitConfig(BaseModel):
     num_workers: int = Field(0, ge=0)
     cache_dir: Path | None = None
     best_metric: Literal["val_hF", "val_accuracy", "val_loss"] = "val_hF"
+    # Train although a decision of the tree has fewer than two children with training images.
+    allow_incomplete_tree: bool = False
 
     @field_validator("device")
     @classmethod
@@ -166,9 +169,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """The options of a YAML config file as a dict, with its relative paths made absolute."""
     text = read_user_text(path, "config file", ConfigError)
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(yaml_error_message(path, exc)) from None
+    except YamlTooLarge as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

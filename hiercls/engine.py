@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -70,8 +71,19 @@ from hiercls.inference import (
     use_channels_last,
 )
 from hiercls.io import atomic_write_json, atomic_write_text
+from hiercls.plugins import check_run_provenance, run_provenance
 from hiercls.probabilities import NodeProbabilities
-from hiercls.run import RunPaths, check_free_space, checkpoint_bytes, prepare_run_dir
+from hiercls.run import (
+    RunLock,
+    RunPaths,
+    check_free_space,
+    check_run_dir,
+    checkpoint_bytes,
+    existing_checkpoint_bytes,
+    prepare_run_dir,
+    remove_failed_run,
+    remove_stale_temp_files,
+)
 from hiercls.taxonomy import Taxonomy, load_taxonomy
 
 __all__ = ["fit", "RunResult", "TrainingError", "validation_metrics", "CHECK_EVERY"]
@@ -416,6 +428,8 @@ def _hierarchical_prf(taxonomy: Taxonomy, true_nodes: list[str], pred_nodes: lis
 
 
 def _is_better(name: str, value: float, best: float | None) -> bool:
+    if not math.isfinite(value):  # a NaN metric is never the best epoch
+        return False
     if best is None:
         return True
     return value < best if name == "val_loss" else value > best
@@ -484,18 +498,63 @@ def fit(
 
 def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: bool, overwrite: bool,
          progress: bool, on_step: Callable[[int, str, int], None] | None) -> RunResult:
+    """Check everything a run needs (device, data, tree coverage, model), then open its folder.
+
+    Nothing is written before these checks pass, so a fit refused for a user mistake leaves
+    no run folder behind (and a later attempt needs no --overwrite).
+    """
     console = console or Console(stderr=True)
     if not dist.main:
         console, progress = Console(stderr=True, quiet=True), False
     if dist.main:
-        paths = prepare_run_dir(config.out, resume=resume, overwrite=overwrite)
-    dist.barrier()
-    if not dist.main:
-        paths = RunPaths(Path(config.out))
+        check_run_dir(config.out, resume=resume, overwrite=overwrite)
     torch.manual_seed(config.seed)
     device = _process_device(config, dist)
     configure_backends(device, config.deterministic)
     prepared = _prepare_data(config)
+    taxonomy, table = prepared.taxonomy, prepared.table
+    train_labels = table.label_indices(taxonomy)[prepared.train_idx]
+    class_counts = np.bincount(train_labels, minlength=taxonomy.num_nodes).astype(np.float64)
+    model = build_model(config, taxonomy, class_counts)
+    with _run_folder(config, dist, resume=resume, overwrite=overwrite) as paths:
+        return _train(config, console, dist, paths, prepared, model, device, resume=resume, progress=progress,
+                      on_step=on_step)
+
+
+@contextmanager
+def _run_folder(config: FitConfig, dist: _Dist, *, resume: bool, overwrite: bool):
+    """The run folder, locked for this fit; a new run that fails before it trained anything
+    is removed again (the error says why; nothing of the user's is touched)."""
+    if not dist.main:
+        dist.barrier()
+        yield RunPaths(Path(config.out))
+        return
+    root = Path(config.out)
+    created = not root.exists()
+    lock = RunLock(root)
+    lock_existed = lock.path.exists()
+    with lock:
+        try:
+            paths = prepare_run_dir(root, resume=resume, overwrite=overwrite)
+        except BaseException:
+            if not lock_existed:
+                lock.path.unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+        remove_stale_temp_files(paths)
+        dist.barrier()
+        try:
+            yield paths
+        except BaseException:
+            if not resume:
+                remove_failed_run(paths, created)
+            raise
+
+
+def _train(config: FitConfig, console: Console, dist: _Dist, paths: RunPaths, prepared: _Prepared, model,
+           device: torch.device, *, resume: bool, progress: bool,
+           on_step: Callable[[int, str, int], None] | None) -> RunResult:
     taxonomy, table = prepared.taxonomy, prepared.table
     split = _split_record(table, prepared.train_idx, prepared.val_idx)
     if resume:
@@ -511,12 +570,10 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
     if dist.main:
         atomic_write_text(paths.config, config.to_yaml())  # on resume: records a changed --epochs
 
-    label_idx = table.label_indices(taxonomy)
-    train_labels = label_idx[prepared.train_idx]
+    train_labels = table.label_indices(taxonomy)[prepared.train_idx]
     class_counts = np.bincount(train_labels, minlength=taxonomy.num_nodes).astype(np.float64)
-    model = build_model(config, taxonomy, class_counts)
     if dist.main:
-        check_free_space(paths.root, checkpoint_bytes(model))
+        check_free_space(paths.root, checkpoint_bytes(model), existing_checkpoint_bytes(paths) if resume else 0)
     channels_last = use_channels_last(config.channels_last, device)
     model = model.to(device)
     if channels_last:
@@ -557,6 +614,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
     augment = BatchAugment(config.augment, mean, std, channels_last,
                            compile_batch_size=config.batch_size // dist.world if config.compile else None)
     val_true = [table.labels[i] for i in prepared.val_idx]
+    built_by = run_provenance(config.backbone, config.loss)
 
     def metadata(epoch: int, metrics: dict[str, Any], partial: bool = False) -> dict[str, Any]:
         import timm
@@ -579,6 +637,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
             "best_metric_name": config.best_metric,
             "best_metric": best_metric,
             "best_epoch": best_epoch,
+            "provenance": built_by,
         }
 
     generator = torch.Generator()
@@ -676,6 +735,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
                 "elapsed_seconds": round(elapsed, 3),
                 "images_per_second": round(images_seen / seconds, 1) if seconds > 0 else None,
             }
+            _check_finite_weights(model, epoch, config)
             if val_images is not None and _validates(config, epoch):
                 cond = _guard_oom(lambda: predict_conditionals(
                     model, val_images, batch_size=2 * config.batch_size, device=device, precision=config.precision,
@@ -683,6 +743,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
                 ), config)
                 probs = NodeProbabilities.from_conditionals(taxonomy, cond)
                 record.update(validation_metrics(taxonomy, probs, val_true, config.decode, config.threshold))
+                _check_finite_validation(record, epoch, config)
             last_metrics = record
             if dist.main:
                 _append_metrics(paths, record)
@@ -704,6 +765,31 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
         torch.distributed.broadcast_object_list(shared, src=0)
         best_epoch, best_metric, last_metrics = shared
     return RunResult(paths.root, config.epochs, best_epoch, config.best_metric, best_metric, last_metrics, False)
+
+
+def _check_finite_weights(model: torch.nn.Module, epoch: int, config: FitConfig) -> None:
+    """Stop before a model with NaN or inf weights is validated, selected or saved.
+
+    A finite training loss does not prove finite weights: the loss is computed before the
+    step that may overflow them (e.g. a huge --lr with one step per epoch). One sync per epoch.
+    """
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    raise TrainingError(
+        f"the model's weights became non-finite (nan or inf) in epoch {epoch + 1}; training stopped, nothing "
+        f"of this epoch is saved (earlier checkpoints are kept). Try a lower --lr (now {config.lr:g}) "
+        "or --precision fp32"
+    )
+
+
+def _check_finite_validation(record: dict[str, Any], epoch: int, config: FitConfig) -> None:
+    loss = record.get("val_loss")
+    if loss is not None and not math.isfinite(loss):
+        raise TrainingError(
+            f"validation loss is {loss} after epoch {epoch + 1}; training stopped and nothing of this epoch "
+            f"is saved (earlier checkpoints are kept). Try a lower --lr (now {config.lr:g}) or --precision fp32"
+        )
 
 
 def _validates(config: FitConfig, epoch: int) -> bool:
@@ -822,8 +908,11 @@ def _guard_oom(call: Callable, config: FitConfig):
 def _restore(paths: RunPaths, model, units: list[_Unit], device: torch.device):
     """Load weights, optimizer/scheduler state and loop position from the last checkpoint."""
     recover_checkpoint(paths.checkpoints, "last")  # finish (or drop) a save a kill interrupted
+    config_meta = read_metadata(paths.metadata("last"))
+    stored = config_meta.get("config") or {}
+    check_run_provenance(config_meta, stored.get("backbone", ""), stored.get("loss", "ce"), str(paths.metadata("last")))
     load_weights(paths.weights("last"), model)
-    state = load_training_state(paths.state)
+    state = load_training_state(paths.state, max_bytes=checkpoint_bytes(model))
     ids = {
         "weights": weights_checkpoint_id(paths.weights("last")),
         "training state": state.get("checkpoint_id"),

@@ -31,8 +31,9 @@ from hiercls.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from hiercls.checkpoint import load_weights, read_metadata, weights_checkpoint_id
 from hiercls.config import FitConfig
 from hiercls.errors import CheckpointError, ConfigError, HierclsError
+from hiercls.plugins import check_run_provenance
 from hiercls.probabilities import NodeProbabilities
-from hiercls.run import RunPaths
+from hiercls.run import START_AGAIN, RunPaths
 from hiercls.taxonomy import Taxonomy
 
 __all__ = [
@@ -258,7 +259,7 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
     if not meta_path.is_file():
         other = "last" if which == "best" else "best"
         hint = f"; try --checkpoint {other}" if paths.metadata(other).is_file() else (
-            "; the run has not finished an epoch yet (train it with `hiercls fit`, or --resume it)"
+            f"; the run has not finished an epoch yet: {START_AGAIN.format(root=paths.root)}"
         )
         raise CheckpointError(f"{paths.root}: no finished '{which}' checkpoint{hint}")
     metadata = read_metadata(meta_path)
@@ -289,6 +290,7 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
             )
     counts = metadata.get("class_counts")
     class_counts = np.asarray(counts, dtype=np.float64) if counts is not None else None
+    check_run_provenance(metadata, config.backbone, config.loss, str(meta_path))
     model = build_model(config, taxonomy, class_counts, pretrained=False)
     load_weights(paths.weights(which), model)
     stored_id = metadata.get("checkpoint_id")

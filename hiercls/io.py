@@ -1,4 +1,5 @@
-"""Atomic file writes, free of torch so that light modules can import them cheaply.
+"""Atomic file writes and bounded reads of user files, free of torch so that light modules
+can import them cheaply.
 
 The content is written to a temporary file in the same folder and moved into place with
 ``os.replace``, so a crash or Ctrl-C mid-write leaves either the old file or the new one,
@@ -15,15 +16,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+import yaml
+
+__all__ = [
+    "BoundedSafeLoader",
+    "YamlTooLarge",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "load_yaml",
+    "read_user_text",
+]
 
 
-def read_user_text(path: str | Path, what: str, error: type[Exception], encoding: str = "utf-8") -> str:
+def read_user_text(path: str | Path, what: str, error: type[Exception], encoding: str = "utf-8",
+                   max_bytes: int = 64 * 2**20) -> str:
     """The text of a file the user named; a missing or unreadable file raises ``error``
-    with a one-line message naming the file and what it was meant to be (``what``)."""
+    with a one-line message naming the file and what it was meant to be (``what``).
+
+    Only regular files are read, and at most ``max_bytes`` of them: a FIFO or ``/dev/zero``
+    given as a config would otherwise block or read forever.
+    """
     path = Path(path)
     try:
-        return path.read_text(encoding=encoding)
+        if path.exists() and not path.is_file():
+            raise error(f"{path}: {what} is not a regular file")
+        with open(path, encoding=encoding) as handle:
+            text = handle.read(max_bytes + 1)
+        if len(text) > max_bytes:
+            raise error(f"{path}: {what} is larger than {max_bytes / 2**20:.0f} MiB; is it the right file?")
+        return text
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -36,6 +59,66 @@ def yaml_error_message(path: str | Path, exc: Exception) -> str:
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     return f"{where}: YAML syntax error: {problem}"
+
+
+# Bounds on what a YAML file users hand each other may expand to. Anchors and aliases let a few hundred bytes
+# stand for billions of nodes (an "alias bomb"), so the size is counted on the YAML graph,
+# with aliases expanded, before anything walks it. Real taxonomies and configs are far inside it.
+MAX_YAML_NODES = 200_000
+
+
+class YamlTooLarge(ValueError):
+    """A YAML document that expands beyond ``MAX_YAML_NODES``, or refers to itself."""
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the document's nodes with aliases expanded, without expanding them (memoised).
+
+    Iterative, so a deeply nested document cannot exhaust Python's recursion limit here.
+    """
+    size: dict[int, int] = {}
+    in_progress: set[int] = set()  # the nodes on the current path: meeting one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            in_progress.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(k)] for k in _yaml_children(node))
+            if size[id(node)] > MAX_YAML_NODES:
+                raise YamlTooLarge(
+                    f"line {node.start_mark.line + 1}: the document expands to more than {MAX_YAML_NODES:,} "
+                    "YAML nodes (anchors and aliases repeated inside each other?); write it out without "
+                    "nested aliases"
+                )
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in in_progress:
+            raise YamlTooLarge(f"line {node.start_mark.line + 1}: an alias refers to itself (a recursive anchor)")
+        in_progress.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in _yaml_children(node) if id(k) not in size)
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+class BoundedSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses documents whose aliases expand beyond ``MAX_YAML_NODES``."""
+
+    def construct_document(self, node):  # type: ignore[override]
+        _check_expanded_size(node)
+        return super().construct_document(node)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with alias expansion bounded (raises ``YamlTooLarge``, a ValueError)."""
+    return yaml.load(text, Loader=BoundedSafeLoader)
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:

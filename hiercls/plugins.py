@@ -29,13 +29,23 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "PluginInfo",
     "Registration",
+    "PluginOverrideWarning",
     "backbone_registrations",
+    "check_provenance",
+    "check_run_provenance",
     "find_backbone",
     "find_loss",
     "get_plugin_manager",
     "loss_registrations",
     "plugin_infos",
+    "provenance",
+    "run_provenance",
 ]
+
+
+class PluginOverrideWarning(UserWarning):
+    """An installed plugin now answers to a name a built-in also serves (e.g. ``resnet18``)."""
+
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,7 @@ def find_backbone(name: str) -> Registration:
     regs = backbone_registrations()
     exact = [r for r in regs if not r.prefix and r.name == name]
     if exact:
+        _warn_if_overriding("backbone", name, exact[-1], _timm_has(name))
         return exact[-1]
     prefixed = [r for r in regs if r.prefix and name.startswith(r.name)]
     if prefixed:
@@ -169,4 +180,98 @@ def find_loss(name: str) -> Registration:
             f"unknown loss '{name}'{hint}; available: {', '.join(sorted(regs))}. "
             "Losses from plugins appear once the plugin is installed (see `hiercls plugins`)."
         )
+    builtin = any(r.name == name and r.plugin in BUILTIN_PLUGINS for r in loss_registrations())
+    _warn_if_overriding("loss", name, regs[name], builtin)
     return regs[name]
+
+
+def _timm_has(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+def _warn_if_overriding(kind: str, name: str, winner: Registration, builtin_serves: bool) -> None:
+    """Say loudly (once per process) that a plugin replaced a built-in's ``name``."""
+    if winner.plugin in BUILTIN_PLUGINS or not builtin_serves or (kind, name, winner.plugin) in _warned:
+        return
+    _warned.add((kind, name, winner.plugin))
+    where = provenance(winner)
+    warnings.warn(
+        f"{kind} '{name}' is now served by plugin '{winner.plugin}' ({_package(where)}), not by hiercls's "
+        f"built-in {kind} of that name; results differ from runs made without that plugin. Uninstall the "
+        "plugin or pick another name if this is not what you want",
+        PluginOverrideWarning,
+        stacklevel=3,
+    )
+
+
+def provenance(registration: Registration) -> dict[str, str | None]:
+    """Which plugin, from which installed package and version, made a registration.
+
+    Recorded in every checkpoint so that a run is never rebuilt, silently, by another
+    implementation that answers to the same name (see ``check_provenance``).
+    """
+    get_plugin_manager()
+    if registration.plugin in BUILTIN_PLUGINS:
+        import hiercls
+
+        return {"plugin": registration.plugin, "distribution": "hiercls", "version": hiercls.__version__}
+    dist, version, _module = _distributions.get(registration.plugin, (None, None, None))
+    return {"plugin": registration.plugin, "distribution": dist, "version": version}
+
+
+def _package(where: dict[str, str | None]) -> str:
+    if not where.get("distribution"):
+        return "no installed package"
+    return f"package {where['distribution']} {where.get('version') or ''}".rstrip()
+
+
+def check_provenance(kind: str, name: str, recorded: dict[str, str | None] | None, source: str) -> None:
+    """Refuse to rebuild a run's ``kind`` ('backbone' or 'loss') with another implementation.
+
+    ``recorded`` is what the run's checkpoint says built it (``None`` for runs that predate
+    provenance: nothing to compare). A missing plugin names the package to install; a
+    different plugin answering to the name is refused; a different version only warns.
+    """
+    if not recorded:
+        return
+    try:
+        current = provenance(find_backbone(name) if kind == "backbone" else find_loss(name))
+    except ConfigError:
+        current = None
+    built_by = f"this run's {kind} '{name}' was built by plugin '{recorded.get('plugin')}' ({_package(recorded)})"
+    if current is None or (current["plugin"] != recorded.get("plugin") and not _plugin_loaded(recorded)):
+        dist = recorded.get("distribution")
+        install = f"install it (`pip install {dist}`)" if dist else "install that plugin"
+        raise ConfigError(f"{source}: {built_by}, which is not installed here; {install} and try again")
+    if current["plugin"] != recorded.get("plugin") or current["distribution"] != recorded.get("distribution"):
+        raise ConfigError(
+            f"{source}: {built_by}, but plugin '{current['plugin']}' ({_package(current)}) answers to that name "
+            "now and would run the weights through other code; uninstall that plugin, or train a new run"
+        )
+    if current["version"] != recorded.get("version") and current["plugin"] not in BUILTIN_PLUGINS:
+        warnings.warn(
+            f"{source}: {built_by}; {_package(current)} is installed now, results may differ",
+            PluginOverrideWarning,
+            stacklevel=2,
+        )
+
+
+def run_provenance(backbone: str, loss: str) -> dict[str, dict[str, str | None]]:
+    """What a checkpoint records of the plugins that built its backbone and loss."""
+    return {"backbone": provenance(find_backbone(backbone)), "loss": provenance(find_loss(loss))}
+
+
+def check_run_provenance(metadata: dict[str, Any], backbone: str, loss: str, source: str) -> None:
+    """``check_provenance`` for both the backbone and the loss a checkpoint records."""
+    recorded = metadata.get("provenance") or {}
+    check_provenance("backbone", backbone, recorded.get("backbone"), source)
+    check_provenance("loss", loss, recorded.get("loss"), source)
+
+
+def _plugin_loaded(recorded: dict[str, str | None]) -> bool:
+    return get_plugin_manager().get_plugin(recorded.get("plugin") or "") is not None

@@ -42,7 +42,7 @@ from pydantic import (
 )
 
 from hiercls.errors import DataError, TaxonomyError
-from hiercls.io import read_user_text, yaml_error_message
+from hiercls.io import BoundedSafeLoader, YamlTooLarge, read_user_text, yaml_error_message
 
 __all__ = ["NodeSpec", "Taxonomy", "TaxonomySpec", "TaxonomyWarning", "UnknownNodeError", "load_taxonomy"]
 
@@ -123,6 +123,12 @@ class _LineLoader(yaml.SafeLoader):
 
 _LineLoader.add_constructor("tag:yaml.org,2002:str", _LineLoader.construct_scalar)
 
+MAX_DEPTH = 64
+
+
+class _BoundedLineLoader(BoundedSafeLoader, _LineLoader):
+    """``_LineLoader`` that refuses documents whose aliases expand beyond ``MAX_YAML_NODES``."""
+
 
 def _where(source: str, value: Any) -> str:
     line = value if isinstance(value, int) else getattr(value, "line", None)
@@ -183,6 +189,31 @@ def _format_validation_error(source: str, error: ValidationError, data: Any = No
     return f"{source}: {message} at {loc or 'top level'}{more}"
 
 
+MAX_FILE_BYTES = 16 * 2**20
+
+
+def _too_deep(source: Any) -> str:
+    return f"{source}: the tree is nested deeper than {MAX_DEPTH} levels, the most hiercls takes; flatten it"
+
+
+def _nesting(data: Any) -> int:
+    """How deeply lists and dicts nest in ``data`` (iterative: safe on any depth)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            items = list(item.values())
+        elif isinstance(item, list):
+            items = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > 4 * MAX_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in items)
+    return deepest
+
+
 def load_taxonomy(path: str | Path) -> Taxonomy:
     """Read and validate a taxonomy YAML file.
 
@@ -190,11 +221,15 @@ def load_taxonomy(path: str | Path) -> Taxonomy:
     known) for syntax errors, unknown keys, duplicate names, clashing aliases and empty trees.
     """
     path = Path(path)
-    text = read_user_text(path, "taxonomy file", TaxonomyError)
+    text = read_user_text(path, "taxonomy file", TaxonomyError, max_bytes=MAX_FILE_BYTES)
     try:
-        data = yaml.load(text, Loader=_LineLoader)
+        data = yaml.load(text, Loader=_BoundedLineLoader)
     except yaml.YAMLError as exc:
         raise TaxonomyError(yaml_error_message(path, exc)) from None
+    except YamlTooLarge as exc:
+        raise TaxonomyError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise TaxonomyError(_too_deep(path)) from None
     taxonomy = Taxonomy.from_dict(data, source=str(path))
     if not taxonomy.name:
         taxonomy.name = path.stem
@@ -235,10 +270,14 @@ class Taxonomy:
             raise TaxonomyError(
                 f"{source}: the top level must be a mapping with 'children', not {type(data).__name__}"
             )
+        if _nesting(data) > 2 * MAX_DEPTH + 2:  # a node and its 'children' list: two levels each
+            raise TaxonomyError(_too_deep(source))
         try:
             spec = TaxonomySpec.model_validate(data)
         except ValidationError as exc:
             raise TaxonomyError(_format_validation_error(source, exc, data)) from None
+        except RecursionError:
+            raise TaxonomyError(_too_deep(source)) from None
         return cls(spec, source=source, lines=_name_lines(data))
 
     @classmethod

@@ -8,6 +8,7 @@ runs it. Modules are discovered, so adding a command never edits this file.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import sys
@@ -63,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except HierclsError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        err_console.print(f"[bold red]error:[/] {where}the disk is full; free some space and run the command "
+                          "again (`hiercls fit` continues with --resume)", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

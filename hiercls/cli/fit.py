@@ -74,6 +74,9 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", default=S, help="decoded-image cache (default: $HIERCLS_CACHE or ~/.cache/hiercls)")
     p.add_argument("--num-workers", dest="num_workers", type=int, metavar="N", default=S, help="threads for decoding images into the cache")
     p.add_argument("--best-metric", dest="best_metric", choices=("val_hF", "val_accuracy", "val_loss"), default=S, help="default: val_hF")
+    p.add_argument("--allow-incomplete-tree", dest="allow_incomplete_tree", action="store_true", default=S,
+                   help="train although a decision of the tree has fewer than two children with training "
+                        "images (refused by default: that decision cannot be learned)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier hiercls run in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs)")
@@ -87,6 +90,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         given["compile"] = True
     if getattr(args, "deterministic", None):
         given["deterministic"] = True
+    if getattr(args, "allow_incomplete_tree", None):
+        given["allow_incomplete_tree"] = True
     return given
 
 
