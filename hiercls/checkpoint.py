@@ -29,10 +29,12 @@ from safetensors.torch import save as safetensors_save
 
 from hiercls.errors import CheckpointError
 from hiercls.io import (
+    RUN_FILE_BYTES,
     atomic_write,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    read_user_text,
 )
 
 __all__ = [
@@ -185,11 +187,9 @@ def recover_checkpoint(folder: str | Path, name: str) -> None:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint metadata not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint metadata ({exc})") from None
+        return json.loads(read_user_text(path, "checkpoint metadata", CheckpointError, max_bytes=RUN_FILE_BYTES))
+    except (OSError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint metadata ({type(exc).__name__}: {exc})") from None
 
 
 # -- optimizer / scheduler / RNG state for --resume ---------------------------------------

@@ -70,7 +70,7 @@ from hiercls.inference import (
     resolve_device,
     use_channels_last,
 )
-from hiercls.io import atomic_write_json, atomic_write_text
+from hiercls.io import RUN_FILE_BYTES, atomic_write_json, atomic_write_text, read_user_text
 from hiercls.plugins import check_run_provenance, run_provenance
 from hiercls.probabilities import NodeProbabilities
 from hiercls.run import (
@@ -558,7 +558,8 @@ def _train(config: FitConfig, console: Console, dist: _Dist, paths: RunPaths, pr
     taxonomy, table = prepared.taxonomy, prepared.table
     split = _split_record(table, prepared.train_idx, prepared.val_idx)
     if resume:
-        stored = json.loads(paths.split.read_text(encoding="utf-8")) if paths.split.is_file() else None
+        stored = json.loads(read_user_text(paths.split, "split", CheckpointError, max_bytes=RUN_FILE_BYTES)) \
+            if paths.split.is_file() else None
         if stored != split:
             raise CheckpointError(
                 f"{paths.split}: the images or split differ from when the run started; "
@@ -836,7 +837,8 @@ def _read_metrics(paths: RunPaths, up_to_epoch: int) -> list[dict[str, Any]]:
     """The metrics lines of epochs 1..up_to_epoch (later lines belong to an unsaved epoch)."""
     if not paths.metrics.is_file():
         return []
-    records = [json.loads(line) for line in paths.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = read_user_text(paths.metrics, "metrics", CheckpointError, max_bytes=RUN_FILE_BYTES)
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [r for r in records if r.get("epoch", 0) <= up_to_epoch]
 
 

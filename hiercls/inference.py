@@ -31,6 +31,7 @@ from hiercls.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from hiercls.checkpoint import load_weights, read_metadata, weights_checkpoint_id
 from hiercls.config import FitConfig
 from hiercls.errors import CheckpointError, ConfigError, HierclsError
+from hiercls.io import RUN_FILE_BYTES, load_yaml, read_user_text
 from hiercls.plugins import check_run_provenance
 from hiercls.probabilities import NodeProbabilities
 from hiercls.run import START_AGAIN, RunPaths
@@ -238,11 +239,13 @@ def build_model(config: FitConfig, taxonomy: Taxonomy, class_counts: np.ndarray 
 
 
 def _read_run_config(paths: RunPaths) -> FitConfig:
+    if not paths.config.exists():
+        raise CheckpointError(f"{paths.root}: not a hiercls run (no config.yaml); give the --out folder of `hiercls fit`")
     try:
-        data = yaml.safe_load(paths.config.read_text(encoding="utf-8"))
+        data = load_yaml(read_user_text(paths.config, "run config", CheckpointError, max_bytes=RUN_FILE_BYTES))
         return FitConfig.model_validate(data)
-    except FileNotFoundError:
-        raise CheckpointError(f"{paths.root}: not a hiercls run (no config.yaml); give the --out folder of `hiercls fit`") from None
+    except HierclsError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{paths.config}: cannot read the run's config ({str(exc).splitlines()[0]})") from None
 
@@ -274,8 +277,9 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
         )
     if paths.taxonomy.is_file():
         try:
-            run_tax = Taxonomy.from_dict(yaml.safe_load(paths.taxonomy.read_text(encoding="utf-8")))
-        except (HierclsError, yaml.YAMLError):
+            text = read_user_text(paths.taxonomy, "run taxonomy", CheckpointError, max_bytes=RUN_FILE_BYTES)
+            run_tax = Taxonomy.from_dict(load_yaml(text))
+        except (HierclsError, yaml.YAMLError, ValueError):
             run_tax = None
         if run_tax is not None and run_tax.fingerprint != taxonomy.fingerprint:
             raise CheckpointError(

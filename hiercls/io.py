@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "RUN_FILE_BYTES",
     "BoundedSafeLoader",
     "YamlTooLarge",
     "atomic_write",
@@ -28,6 +29,11 @@ __all__ = [
     "load_yaml",
     "read_user_text",
 ]
+
+
+# The most hiercls reads of one text file of a run folder (config, split, metrics, metadata):
+# far above any real one, and a bound on what a hostile folder (e.g. a link to /dev/zero) costs.
+RUN_FILE_BYTES = 256 * 2**20
 
 
 def read_user_text(path: str | Path, what: str, error: type[Exception], encoding: str = "utf-8",

@@ -267,13 +267,14 @@ RESUMABLE_OPTIONS = ("epochs", "device", "num_workers", "cache_dir", "out")
 def load_resume_config(out: str | Path, overrides: dict):
     """The stored config of the run in ``out``, with the few options a resume may change."""
     from hiercls.config import FitConfig, load_config
-    from hiercls.io import load_yaml
+    from hiercls.io import RUN_FILE_BYTES, load_yaml, read_user_text
 
     paths = RunPaths(Path(out).expanduser().resolve())
     if not paths.is_run():
         raise CheckpointError(f"{paths.root}: not a hiercls run (no config.yaml); nothing to resume")
     try:
-        stored = FitConfig.model_validate(load_yaml(paths.config.read_text(encoding="utf-8")))
+        text = read_user_text(paths.config, "run config", CheckpointError, max_bytes=RUN_FILE_BYTES)
+        stored = FitConfig.model_validate(load_yaml(text))
     except Exception as exc:
         raise CheckpointError(f"{paths.config}: cannot read the run's config ({str(exc).splitlines()[0]})") from None
     given = {k: v for k, v in overrides.items() if v is not None}

@@ -440,3 +440,28 @@ def test_an_untrained_run_gets_one_piece_of_advice(trained, smears, tmp_path, ca
     for err in (predict_err, resume_err):
         assert "--overwrite" in err and "--resume it" not in err
         assert "start it again with `hiercls fit ... --out" in err
+
+
+# -- run files that are not what they seem ------------------------------------------------
+
+
+def test_a_run_config_linked_to_dev_zero_is_refused_not_read_forever(trained, smears, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    (run / "config.yaml").unlink()
+    (run / "config.yaml").symlink_to("/dev/zero")
+    done = subprocess.run(
+        [sys.executable, "-m", "hiercls", "predict", "--run", str(run), "--data", str(smears / "ALL"),
+         "--out", str(tmp_path / "p.csv"), "--device", "cpu", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "config.yaml" in done.stderr and "not a regular file" in done.stderr
+
+
+def test_deeply_nested_checkpoint_metadata_is_a_clear_error(trained, tmp_path):
+    from hiercls.inference import load_run
+
+    run = copy_run(trained, tmp_path / "run")
+    (run / "checkpoints" / "best.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint metadata"):
+        load_run(run, "best")
