@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import yaml
@@ -40,6 +40,9 @@ from hiercls.config import FitConfig, check_regex, read_config_file
 from hiercls.errors import CheckpointError, ConfigError, DataError
 from hiercls.io import atomic_write_json, atomic_write_text, json_ready
 from hiercls.metrics import cut_classes
+
+if TYPE_CHECKING:
+    from hiercls.taxonomy import Taxonomy
 
 __all__ = [
     "CVConfig",
@@ -230,7 +233,7 @@ class CVConfig(BaseModel):
                 message += f" (got {first['input']!r})"
             raise ConfigError(f"{self.source}: option 'fit.{loc}': {message}") from None
 
-    def table4_rows_for(self, taxonomy) -> list[tuple[str, tuple[str, ...]]]:
+    def table4_rows_for(self, taxonomy: Taxonomy) -> list[tuple[str, tuple[str, ...]]]:
         """Table 4's (row name, member nodes), checked against ``taxonomy`` (aliases resolved)."""
         if self.table4_rows is None:
             return [(node, (node,)) for node in taxonomy.nodes if node != taxonomy.root]
@@ -705,7 +708,7 @@ def _fold_row(per_fold: list[dict[str, Any] | None], get, **keys: Any) -> dict[s
     return {**keys, "folds": values, "mean": mean, "std": std, "n_folds": n}
 
 
-def _table_taxonomy(config: CVConfig):
+def _table_taxonomy(config: CVConfig) -> Taxonomy:
     """The tree the cells were trained and scored on (``exclude`` applied)."""
     from hiercls.taxonomy import load_taxonomy
 

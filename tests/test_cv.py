@@ -190,7 +190,7 @@ def test_table1_gives_macro_f1_per_backbone(finished: Path):
                   for k in range(2)]
         assert r["metric"] == "macro_f1" and r["folds"] == values
     assert "## Table 1: macro-F1 per backbone" in (finished / "tables.md").read_text()
-    assert f"| backbone | flat | joint |" in (finished / "tables.md").read_text()
+    assert "| backbone | flat | joint |" in (finished / "tables.md").read_text()
 
 
 def test_table4_averages_the_folds_and_pools_their_counts(finished: Path):
