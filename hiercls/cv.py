@@ -8,7 +8,7 @@ test data choose the model and inflate every number, so the last epoch is what i
 
 Every cell ends with an atomically written ``cv_done.json``; a finished cell is never redone, so
 an interrupted cross-validation continues where it stopped when the same command is run again.
-After every finished cell the paper-style tables (Hamdi et al., Tables 2-4) are rewritten to
+After every finished cell the paper-style tables (Hamdi et al., Tables 1-4) are rewritten to
 ``OUT/tables.md`` and ``OUT/tables.json`` from the cells finished so far. See ``docs/cv.md``.
 """
 
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import yaml
@@ -40,6 +40,9 @@ from hiercls.config import FitConfig, check_regex, read_config_file
 from hiercls.errors import CheckpointError, ConfigError, DataError
 from hiercls.io import atomic_write_json, atomic_write_text, json_ready
 from hiercls.metrics import cut_classes
+
+if TYPE_CHECKING:
+    from hiercls.taxonomy import Taxonomy
 
 __all__ = [
     "CVConfig",
@@ -90,6 +93,9 @@ class CVConfig(BaseModel):
     aggregator: str = "mode"
     group_by_available: bool | Literal["auto"] = "auto"
     fit: dict[str, Any] = Field(default_factory=dict)
+    # Table 4's rows: row name -> node(s) pooled into one class (the paper's "AML+APML");
+    # None = one row per node of the tree. Tables only: may change between invocations.
+    table4_rows: dict[str, str | list[str]] | None = None
 
     _source: str | None = PrivateAttr(default=None)
 
@@ -111,6 +117,23 @@ class CVConfig(BaseModel):
         if clash:
             raise ValueError(f"{', '.join(clash)} map to the same folder name; keep one of them")
         return value
+
+    @field_validator("table4_rows")
+    @classmethod
+    def _table4_rows(cls, value: dict[str, str | list[str]] | None) -> dict[str, list[str]] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("names no row; leave it out for one row per node, or map row names to nodes")
+        rows: dict[str, list[str]] = {}
+        for name, nodes in value.items():
+            nodes = [nodes] if isinstance(nodes, str) else list(nodes)
+            if not name.strip() or not nodes or any(not n.strip() for n in nodes):
+                raise ValueError(f"row '{name}' needs a name and one or more node names, e.g. AML+APML: [AML, APML]")
+            if len(set(nodes)) < len(nodes):
+                raise ValueError(f"row '{name}' names a node more than once")
+            rows[name] = nodes
+        return rows
 
     @field_validator("group_regex")
     @classmethod
@@ -210,6 +233,29 @@ class CVConfig(BaseModel):
                 message += f" (got {first['input']!r})"
             raise ConfigError(f"{self.source}: option 'fit.{loc}': {message}") from None
 
+    def table4_rows_for(self, taxonomy: Taxonomy) -> list[tuple[str, tuple[str, ...]]]:
+        """Table 4's (row name, member nodes), checked against ``taxonomy`` (aliases resolved)."""
+        if self.table4_rows is None:
+            return [(node, (node,)) for node in taxonomy.nodes if node != taxonomy.root]
+        rows = []
+        for name, nodes in self.table4_rows.items():
+            members = []
+            for node in nodes:
+                try:
+                    resolved = taxonomy.resolve(node)
+                except DataError:
+                    resolved = None
+                if resolved is None or resolved == taxonomy.root:
+                    why = ("is excluded ('exclude')" if node in self.exclude
+                           else "is the root, not a class" if resolved == taxonomy.root
+                           else f"is not a node of {self.taxonomy}")
+                    valid = ", ".join(n for n in taxonomy.nodes if n != taxonomy.root)
+                    raise ConfigError(f"{self.source}: option 'table4_rows.{name}': '{node}' {why}; "
+                                      f"use node names of the tree ({valid})")
+                members.append(resolved)
+            rows.append((name, tuple(members)))
+        return rows
+
     def settings(self) -> dict[str, Any]:
         """The options that define the results (compared when an OUT folder is continued)."""
         data = self.model_dump(mode="json")
@@ -298,6 +344,8 @@ def load_cv_config(path: str | Path | None, overrides: dict[str, Any] | None = N
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, file, given)) from None
     config._source = str(file) if file is not None else "cv config"
+    if config.table4_rows is not None and Path(config.taxonomy).is_file():
+        config.table4_rows_for(_table_taxonomy(config))
     from_command_line = [k for k in (given.get("fit") or {}) if isinstance(given.get("fit"), dict)]
     for strategy in config.strategies:
         for backbone in config.backbones:
@@ -400,7 +448,8 @@ def _check_inputs(config: CVConfig) -> None:
                               "(relative paths are relative to the config file's folder)")
     taxonomy = load_taxonomy(config.taxonomy)
     if config.exclude:
-        taxonomy.exclude(config.exclude)
+        taxonomy = taxonomy.exclude(config.exclude)
+    config.table4_rows_for(taxonomy)
     for backbone in config.backbones:
         weights = config.pretrained_for(backbone)
         if weights is not None and not weights.is_file():
@@ -659,78 +708,130 @@ def _fold_row(per_fold: list[dict[str, Any] | None], get, **keys: Any) -> dict[s
     return {**keys, "folds": values, "mean": mean, "std": std, "n_folds": n}
 
 
-def build_tables(config: CVConfig, cells: dict[tuple[str, str, int], dict[str, Any]]) -> dict[str, Any]:
-    """Tables 2-4 of Hamdi et al. as JSON-ready data, from the finished cells' metrics."""
+def _table_taxonomy(config: CVConfig) -> Taxonomy:
+    """The tree the cells were trained and scored on (``exclude`` applied)."""
     from hiercls.taxonomy import load_taxonomy
 
     taxonomy = load_taxonomy(config.taxonomy)
-    if config.exclude:
-        taxonomy = taxonomy.exclude(config.exclude)
+    return taxonomy.exclude(config.exclude) if config.exclude else taxonomy
+
+
+def _decision_rows(per_fold, taxonomy, model: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """One Table 3 row per internal node, read from ``metrics[key]`` (decision or end-to-end accuracy)."""
+    return [
+        _fold_row(per_fold, lambda m, node=node: (m.get(key) or {}).get(node),
+                  **model, node=node, decision=" vs ".join(taxonomy.children(node)), metric=key)
+        for node in taxonomy.internal_nodes
+    ]
+
+
+def _level_tables(config: CVConfig, cells, taxonomy, level: str) -> dict[str, list[dict[str, Any]]]:
+    """Tables 1, 2, 3 (decision and end-to-end) and the depth cuts at one level (images or groups)."""
     models = [(s, b) for b in config.backbones for s in config.strategies]
-    levels = ["images"] + (["groups"] if any("groups" in m and m["groups"].get("n_groups") for m in cells.values()) else [])
-
-    def level_metrics(level: str, key) -> dict[str, Any] | None:
-        m = cells.get(key)
-        if m is None:
-            return None
-        return m if level == "images" else m.get("groups")
-
-    table2: dict[str, list[dict[str, Any]]] = {}
-    table3: dict[str, list[dict[str, Any]]] = {}
-    depths: dict[str, list[dict[str, Any]]] = {}
+    n_leaves = len(taxonomy.leaves)
     # the deepest cut is Table 2's ACC; the shallower ones compare with coarser flat classifiers
     cut_depths = [str(d) for d in range(1, taxonomy.max_depth)]
-    for level in levels:
-        rows2, rows3, rows_depth = [], [], []
-        for strategy, backbone in models:
-            per_fold = [level_metrics(level, (strategy, backbone, k)) for k in range(config.folds)]
-            model = {"strategy": strategy, "backbone": backbone}
-            for key, _title, get in _TABLE2_METRICS:
-                rows2.append(_fold_row(per_fold, get, **model, metric=key))
-            for node in taxonomy.internal_nodes:
-                rows3.append(_fold_row(per_fold, lambda m, node=node: (m.get("per_level_accuracy") or {}).get(node),
-                                       **model, node=node, decision=" vs ".join(taxonomy.children(node))))
-            for depth in cut_depths:
-                rows_depth.append(_fold_row(per_fold, lambda m, depth=depth: (m.get("depth_accuracy") or {}).get(depth),
-                                            **model, depth=int(depth), classes=cut_classes(taxonomy, int(depth))))
-        table2[level], table3[level], depths[level] = rows2, rows3, rows_depth
-
-    table4 = []
+    out: dict[str, list[dict[str, Any]]] = {"table1": [], "table2": [], "table3": [], "end_to_end": [], "depths": []}
     for strategy, backbone in models:
         per_fold = [cells.get((strategy, backbone, k)) for k in range(config.folds)]
-        for node in taxonomy.nodes:
-            if node == taxonomy.root:
-                continue
-            row: dict[str, Any] = {"strategy": strategy, "backbone": backbone, "node": node,
-                                   "leaf": taxonomy.is_leaf(node), "depth": taxonomy.depth(node)}
-            for key in ("precision", "recall", "f1"):
-                values = [((m.get("per_class") or {}).get(node) or {}).get(key) if m else None for m in per_fold]
-                row[key], row[f"{key}_std"], _n = _mean_std(values)
-            row["n_folds"] = sum(m is not None for m in per_fold)
-            row["support"] = int(sum(((m.get("per_class") or {}).get(node) or {}).get("support") or 0
-                                     for m in per_fold if m))
-            table4.append(row)
+        if level == "groups":
+            per_fold = [m.get("groups") if m else None for m in per_fold]
+        model = {"strategy": strategy, "backbone": backbone}
+        out["table1"].append(_fold_row(per_fold, lambda m: m.get("macro_f1"), **model, metric="macro_f1"))
+        for key, _title, get in _TABLE2_METRICS:
+            out["table2"].append(_fold_row(per_fold, get, **model, metric=key))
+        out["table3"] += _decision_rows(per_fold, taxonomy, model, "decision_accuracy")
+        out["table3"].append(_fold_row(per_fold, lambda m: m.get("accuracy"), **model, node="all",
+                                       decision=f"All {n_leaves} classes", metric="accuracy"))
+        out["end_to_end"] += _decision_rows(per_fold, taxonomy, model, "per_level_accuracy")
+        for depth in cut_depths:
+            out["depths"].append(_fold_row(per_fold, lambda m, depth=depth: (m.get("depth_accuracy") or {}).get(depth),
+                                           **model, depth=int(depth), classes=cut_classes(taxonomy, int(depth))))
+    return out
 
-    finished = len(cells)
+
+def _cell_labels(run_dir: Path, taxonomy) -> tuple[list[str], list[str]] | None:
+    """(labels, predictions) of the labelled held-out images of a cell, or ``None`` without its CSV."""
+    from hiercls.predictions import read_predictions_csv
+
+    path = run_dir / "predictions.csv"
+    if not path.is_file():
+        return None
+    preds = read_predictions_csv(path, taxonomy)
+    keep = [i for i, t in enumerate(preds.labels) if t is not None]
+    return [preds.labels[i] for i in keep], [preds.predictions[i] for i in keep]
+
+
+def _table4(config: CVConfig, cells, taxonomy, out: Path) -> list[dict[str, Any]]:
+    """Per-class P/R/F1 per model: mean ± std over folds and pooled over folds (summed counts)."""
+    from hiercls.metrics import prf_counts, prf_from_counts
+
+    rows_spec = config.table4_rows_for(taxonomy)
+    table = []
+    for strategy, backbone in ((s, b) for b in config.backbones for s in config.strategies):
+        folds = [
+            _cell_labels(cell_dir(out, strategy, backbone, k), taxonomy) if (strategy, backbone, k) in cells else None
+            for k in range(config.folds)
+        ]
+        for name, members in rows_spec:
+            counts = [prf_counts(taxonomy, *f, members) if f else None for f in folds]
+            present = [c for c in counts if c is not None]
+            row: dict[str, Any] = {
+                "strategy": strategy, "backbone": backbone, "node": name, "nodes": list(members),
+                "leaf": all(taxonomy.is_leaf(m) for m in members), "depth": min(taxonomy.depth(m) for m in members),
+            }
+            per_fold = [prf_from_counts(**c) if c else None for c in counts]
+            for key in ("precision", "recall", "f1"):
+                row[key], row[f"{key}_std"], _n = _mean_std([f[key] if f else None for f in per_fold])
+            total = {k: sum(c[k] for c in present) for k in ("tp", "fp", "fn")}
+            pooled = prf_from_counts(**total)
+            row["pooled"] = {k: pooled[k] for k in ("precision", "recall", "f1")} | total
+            row["n_folds"], row["support"] = len(present), pooled["support"]
+            table.append(row)
+    return table
+
+
+def build_tables(
+    config: CVConfig, cells: dict[tuple[str, str, int], dict[str, Any]], out: str | Path | None = None
+) -> dict[str, Any]:
+    """Tables 1-4 of Hamdi et al. as JSON-ready data, from the finished cells' metrics.
+
+    Table 4 reads each finished cell's ``predictions.csv`` under ``out`` (default ``config.out``),
+    so merged rows (``table4_rows``) and counts pooled over folds need no re-training.
+    """
+    taxonomy = _table_taxonomy(config)
+    has_groups = any("groups" in m and m["groups"].get("n_groups") for m in cells.values())
+    levels = ["images"] + (["groups"] if has_groups else [])
+    per_level = {level: _level_tables(config, cells, taxonomy, level) for level in levels}
+
+    def pick(key: str) -> dict[str, list[dict[str, Any]]]:
+        return {level: tables[key] for level, tables in per_level.items()}
+
     return {
         "settings": {
             "taxonomy": str(config.taxonomy), "data": str(config.data), "folds": config.folds, "seed": config.seed,
             "exclude": list(config.exclude), "strategies": list(config.strategies), "backbones": list(config.backbones),
             "group_regex": config.group_regex, "aggregator": config.aggregator, "checkpoint": CHECKPOINT,
             "fit": json_ready({k: (str(v) if isinstance(v, Path) else v) for k, v in config.fit.items()}),
+            "table4_rows": config.table4_rows,
         },
-        "finished_cells": finished,
+        "finished_cells": len(cells),
         "total_cells": len(config.cells),
         "notes": [
             "mean and std over folds; std is the sample standard deviation (n - 1) of the finished folds",
             f"every fold is scored with the {CHECKPOINT} checkpoint of a run trained on the other folds",
             "ACC is exact accuracy on images labelled at a leaf; AUROC is the unweighted mean of the "
             "one-vs-rest leaf AUROCs; hF is the hierarchical F1 (micro)",
+            "Table 3 scores each decision on its own subtree (decision_accuracy: the most probable child "
+            "among the images labelled under the node, whatever happened above); the end-to-end table "
+            "counts a routing error above the node as a miss (per_level_accuracy)",
         ],
-        "table2": table2,
-        "table3": table3,
-        "depth_accuracy": depths,
-        "table4": table4,
+        "table1": pick("table1"),
+        "table2": pick("table2"),
+        "table3": pick("table3"),
+        "table3_end_to_end": pick("end_to_end"),
+        "depth_accuracy": pick("depths"),
+        "table4": _table4(config, cells, taxonomy, Path(out or config.out)),
     }
 
 
@@ -761,6 +862,64 @@ def _mean_std_rows(rows: list[dict[str, Any]], folds: int) -> list[str]:
     return lines
 
 
+def _table1_lines(tables: dict[str, Any], level_title: dict[str, str], folds: int) -> list[str]:
+    """Table 1: macro-F1 per backbone (rows) and strategy (columns)."""
+    lines: list[str] = []
+    for level, rows in (tables.get("table1") or {}).items():
+        strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+        lines += [f"## Table 1: macro-F1 per backbone (mean ± std over folds), {level_title[level]}", "",
+                  "| backbone | " + " | ".join(strategies) + " |", "|---|" + "---:|" * len(strategies)]
+        for backbone in dict.fromkeys(r["backbone"] for r in rows):
+            by_strategy = {r["strategy"]: r for r in rows if r["backbone"] == backbone}
+            lines.append(f"| {backbone} | " + " | ".join(
+                _fmt_mean_std(by_strategy[s]["mean"], by_strategy[s]["std"], by_strategy[s]["n_folds"], folds)
+                for s in strategies) + " |")
+        lines.append("")
+    return lines
+
+
+def _table3_lines(tables: dict[str, Any], level_title: dict[str, str], folds: int) -> list[str]:
+    """Table 3 (each decision on its own subtree, and all classes) and its end-to-end companion."""
+    lines: list[str] = []
+    sections = (
+        ("table3", "Table 3: accuracy of each decision on its own subtree, and over all leaf classes",
+         "Each decision is scored among the images labelled under its node, as a model dedicated to it "
+         "would be (`decision_accuracy`); the last column is the exact accuracy over all leaf classes."),
+        ("table3_end_to_end", "End-to-end accuracy at each decision",
+         "The same decisions read off the final prediction (`per_level_accuracy`): a routing error higher "
+         "up counts as a miss here (with greedy decoding a decision never scores above its Table 3 value)."),
+    )
+    for key, title, explanation in sections:
+        for level, rows in (tables.get(key) or {}).items():
+            nodes = list(dict.fromkeys((r["node"], r["decision"]) for r in rows))
+            lines += [f"## {title} (mean ± std over folds), {level_title[level]}", "", explanation, "",
+                      "| model | " + " | ".join(d if n == "all" else f"{n}: {d}" for n, d in nodes) + " |",
+                      "|---|" + "---:|" * len(nodes)]
+            lines += _mean_std_rows(rows, folds) + [""]
+    return lines
+
+
+def _table4_lines(tables: dict[str, Any], folds: int) -> list[str]:
+    """Table 4: per model, each row's P/R/F1 as the fold mean ± std and pooled over the folds."""
+    lines = ["## Table 4: per-class precision / recall / F1, image level", "",
+             "Mean ± std over folds, and pooled: the counts of all folds summed, then P/R/F1 computed once.", ""]
+    models = list(dict.fromkeys((r["strategy"], r["backbone"]) for r in tables["table4"]))
+    for model in models:
+        lines += [f"### {model[0]} / {model[1]}", "",
+                  "| class | precision | recall | F1 | pooled precision | pooled recall | pooled F1 | support |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in tables["table4"] if (r["strategy"], r["backbone"]) == model):
+            name = r["node"] if r["leaf"] or len(r.get("nodes", [])) > 1 else f"*{r['node']}*"
+            name = "&nbsp;&nbsp;" * (r["depth"] - 1) + name
+            fold_values = [_fmt_mean_std(r[k], r[f"{k}_std"], r["n_folds"], folds) for k in ("precision", "recall", "f1")]
+            pooled = [_fmt(r["pooled"][k]) for k in ("precision", "recall", "f1")]
+            lines.append(f"| {name} | " + " | ".join(fold_values + pooled) + f" | {r['support']} |")
+        lines.append("")
+    lines.append("Internal nodes (in italics) count an image as positive when its label or prediction lies under "
+                 "them; a merged row (several nodes) when it lies under any of its nodes.")
+    return lines
+
+
 def render_tables_markdown(tables: dict[str, Any]) -> str:
     """The tables as a markdown document (what ``OUT/tables.md`` holds)."""
     s = tables["settings"]
@@ -779,6 +938,7 @@ def render_tables_markdown(tables: dict[str, Any]) -> str:
         "",
     ]
     level_title = {"images": "image level", "groups": f"group level ({s['aggregator']} of the images' predictions)"}
+    lines += _table1_lines(tables, level_title, folds)
     titles = {key: title for key, title, _ in _TABLE2_METRICS}
     for level, rows in tables["table2"].items():
         lines += [f"## Table 2: ACC, macro-F1, AUROC (and hF) per fold, {level_title[level]}", "",
@@ -789,12 +949,7 @@ def render_tables_markdown(tables: dict[str, Any]) -> str:
                          + " | ".join(_fmt(v) for v in r["folds"])
                          + f" | {_fmt_mean_std(r['mean'], r['std'], r['n_folds'], folds)} |")
         lines.append("")
-    for level, rows in tables["table3"].items():
-        nodes = list(dict.fromkeys((r["node"], r["decision"]) for r in rows))
-        lines += [f"## Table 3: accuracy of each decision (mean ± std over folds), {level_title[level]}", "",
-                  "| model | " + " | ".join(f"{n}: {d}" for n, d in nodes) + " |",
-                  "|---|" + "---:|" * len(nodes)]
-        lines += _mean_std_rows(rows, folds) + [""]
+    lines += _table3_lines(tables, level_title, folds)
     for level, rows in (tables.get("depth_accuracy") or {}).items():
         if not rows:
             continue
@@ -805,23 +960,14 @@ def render_tables_markdown(tables: dict[str, Any]) -> str:
                   "| model | " + " | ".join(f"depth {d} ({c} classes)" for d, c in cuts) + " |",
                   "|---|" + "---:|" * len(cuts)]
         lines += _mean_std_rows(rows, folds) + [""]
-    lines += ["## Table 4: per-class precision / recall / F1 (mean over folds), image level", ""]
-    models = list(dict.fromkeys((r["strategy"], r["backbone"]) for r in tables["table4"]))
-    for model in models:
-        lines += [f"### {model[0]} / {model[1]}", "", "| class | precision | recall | F1 | support |",
-                  "|---|---:|---:|---:|---:|"]
-        for r in (r for r in tables["table4"] if (r["strategy"], r["backbone"]) == model):
-            name = "&nbsp;&nbsp;" * (r["depth"] - 1) + (r["node"] if r["leaf"] else f"*{r['node']}*")
-            lines.append(f"| {name} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {r['support']} |")
-        lines.append("")
-    lines.append("Internal nodes (in italics) count an image as positive when its label or prediction lies under them.")
+    lines += _table4_lines(tables, folds)
     return "\n".join(lines) + "\n"
 
 
 def write_tables(config: CVConfig, out: str | Path | None = None) -> tuple[Path, Path]:
     """Rewrite ``OUT/tables.json`` and ``OUT/tables.md`` from the cells finished so far."""
     out = Path(out or config.out)
-    tables = build_tables(config, collect_cells(config, out))
+    tables = build_tables(config, collect_cells(config, out), out)
     json_path = atomic_write_json(out / "tables.json", tables)
     md_path = atomic_write_text(out / "tables.md", render_tables_markdown(tables))
     return md_path, json_path

@@ -28,12 +28,16 @@ __all__ = [
     "per_class_prf",
     "auroc",
     "per_level_accuracy",
+    "decision_accuracy",
     "depth_accuracy",
     "cut_classes",
+    "prf_counts",
+    "prf_from_counts",
     "ConfusionMatrix",
     "confusion_matrices",
     "leaf_confusion_matrix",
     "mistake_severity",
+    "node_heights",
     "expected_calibration_error",
     "evaluate_predictions",
     "METRIC_KEYS",
@@ -47,6 +51,7 @@ METRIC_KEYS = (
     "hF",
     "auroc",
     "per_level_accuracy",
+    "decision_accuracy",
     "depth_accuracy",
     "per_class",
     "mistake_severity",
@@ -179,6 +184,51 @@ def macro_f1(taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence
     return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
 
 
+def prf_counts(
+    taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str], members: Sequence[str]
+) -> dict[str, int]:
+    """True positives, false positives and false negatives of the class made of ``members``.
+
+    An image belongs to the class when its label lies at or under one of ``members``, and is
+    predicted as it when its prediction does. An image labelled strictly above a member (and
+    not at or under another) says nothing about the class and is left out. One member gives
+    the per-node counts of ``per_class_prf``; several give a merged row (Hamdi et al.'s
+    "AML+APML").
+    """
+    _check_nodes(taxonomy, true_nodes, pred_nodes)
+    unknown = [m for m in members if m not in taxonomy.index or m == taxonomy.root]
+    if unknown or not members:
+        raise ValueError(f"members must be non-root nodes of '{taxonomy.name}', got {list(members)!r}")
+    return _counts(_paths(taxonomy), true_nodes, pred_nodes, members)
+
+
+def _counts(
+    paths: dict[str, tuple[str, ...]], true_nodes: Sequence[str], pred_nodes: Sequence[str], members: Sequence[str]
+) -> dict[str, int]:
+    wanted = frozenset(members)
+    above = frozenset(a for m in wanted for a in paths[m][:-1]) - wanted
+    tp = fp = fn = 0
+    for t, p in zip(true_nodes, pred_nodes):
+        is_true = not wanted.isdisjoint(paths[t])
+        if not is_true and t in above:
+            continue
+        is_pred = not wanted.isdisjoint(paths[p])
+        tp += is_true and is_pred
+        fp += is_pred and not is_true
+        fn += is_true and not is_pred
+    return {"tp": tp, "fp": fp, "fn": fn}
+
+
+def prf_from_counts(tp: int, fp: int, fn: int) -> dict[str, float | int | None]:
+    """Precision, recall, F1 and support from counts; an undefined ratio (0/0) is ``None``."""
+    return {
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+        "support": tp + fn,
+    }
+
+
 def per_class_prf(
     taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]
 ) -> dict[str, dict[str, float | int | None]]:
@@ -191,27 +241,11 @@ def per_class_prf(
     """
     _check_nodes(taxonomy, true_nodes, pred_nodes)
     paths = _paths(taxonomy)
-    sets = {node: frozenset(path) for node, path in paths.items()}
-    true_paths = [sets[t] for t in true_nodes]
-    pred_paths = [sets[p] for p in pred_nodes]
-    out: dict[str, dict[str, float | int | None]] = {}
-    for node in taxonomy.nodes:
-        if node == taxonomy.root:
-            continue
-        above = frozenset(paths[node][:-1])  # labels here say nothing about ``node``
-        tp = fp = fn = 0
-        for t, t_path, p_path in zip(true_nodes, true_paths, pred_paths):
-            if t in above:
-                continue
-            is_true, is_pred = node in t_path, node in p_path
-            tp += is_true and is_pred
-            fp += is_pred and not is_true
-            fn += is_true and not is_pred
-        precision = tp / (tp + fp) if tp + fp else None
-        recall = tp / (tp + fn) if tp + fn else None
-        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
-        out[node] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
-    return out
+    return {
+        node: prf_from_counts(**_counts(paths, true_nodes, pred_nodes, [node]))
+        for node in taxonomy.nodes
+        if node != taxonomy.root
+    }
 
 
 # -- per-level accuracy and confusion matrices ----------------------------------------------
@@ -242,6 +276,38 @@ def per_level_accuracy(
             continue
         d = len(paths[node])  # depth of the children
         hits = [_node_at_depth(paths, true_nodes[i], d) == _node_at_depth(paths, pred_nodes[i], d) for i in rows]
+        out[node] = float(np.mean(hits))
+    return out
+
+
+def decision_accuracy(
+    taxonomy: Taxonomy, true_nodes: Sequence[str], probs: NodeProbabilities
+) -> dict[str, float | None]:
+    """Accuracy of each internal node's decision on its own subtree (Hamdi et al. Table 3).
+
+    Each decision is scored as a dedicated classifier would be: among the images whose label
+    lies strictly under node N, is the most probable child under P(child | N, image) the
+    label's ancestor among N's children? What happened higher up does not matter, unlike
+    ``per_level_accuracy`` (the end-to-end view). The conditionals come from ``probs``; for
+    probabilities built from marginals only (a flat model, a predictions CSV, a group's mean)
+    they are the children's marginals divided by N's, so the choice is the child with the
+    highest marginal. An image labelled at an internal node M counts for the decisions above
+    M only. ``None`` for a node with no such image.
+    """
+    if len(true_nodes) != len(probs):
+        raise ValueError(f"{len(true_nodes)} true labels but {len(probs)} probability rows")
+    _check_nodes(taxonomy, true_nodes, list(true_nodes))
+    paths = _paths(taxonomy)
+    out: dict[str, float | None] = {}
+    for node in taxonomy.internal_nodes:
+        rows = np.asarray(_decision_rows(paths, node, true_nodes), dtype=np.int64)
+        if rows.size == 0:
+            out[node] = None
+            continue
+        children = taxonomy.children(node)
+        chosen = probs.conditional[np.ix_(rows, taxonomy.children_indices(node))].argmax(axis=1)
+        d = len(paths[node])  # depth of the children
+        hits = [children[c] == paths[true_nodes[i]][d] for i, c in zip(rows, chosen)]
         out[node] = float(np.mean(hits))
     return out
 
@@ -418,29 +484,49 @@ def _is_mistake(taxonomy: Taxonomy, t: str, p: str) -> bool:
     return not (not taxonomy.is_leaf(t) and taxonomy.is_ancestor(t, p))
 
 
+def node_heights(taxonomy: Taxonomy) -> dict[str, int]:
+    """Height of every node: the number of edges on the longest path from it down to a leaf."""
+    heights: dict[str, int] = {}
+    for node in reversed(taxonomy.nodes):  # reverse pre-order: children before their parent
+        children = taxonomy.children(node)
+        heights[node] = 1 + max(heights[c] for c in children) if children else 0
+    return heights
+
+
 def mistake_severity(
     taxonomy: Taxonomy, true_nodes: Sequence[str], pred_nodes: Sequence[str]
 ) -> dict[str, float | int | None]:
-    """How bad the mistakes are (Bertinetto et al. 2020), over the wrong predictions only.
+    """How bad the mistakes are (Bertinetto et al. 2020, "Making better mistakes").
 
-    ``mean_distance`` is the mean tree distance (edges) between prediction and label;
-    ``mean_lca_depth`` the mean depth of their lowest common ancestor (0 = they part at the
-    root: the worst kind of mistake). A prediction under a partial label is not a mistake.
-    ``None`` when there is no mistake.
+    Over the wrong predictions: ``mean_distance`` is the mean tree distance (edges) between
+    prediction and label; ``mean_lca_depth`` the mean depth of their lowest common ancestor
+    (0 = they part at the root: the worst kind of mistake). A prediction under a partial label
+    is not a mistake. Over the leaf-to-leaf mistakes only (label and prediction both leaves,
+    ``n_leaf_mistakes`` of them): ``mean_lca_height``, Bertinetto et al.'s mistake severity,
+    the mean height of the lowest common ancestor (the longest path from it down to a leaf;
+    higher = worse). Means are ``None`` when there is nothing to average.
     """
     _check_nodes(taxonomy, true_nodes, pred_nodes)
     wrong = [(t, p) for t, p in zip(true_nodes, pred_nodes) if _is_mistake(taxonomy, t, p)]
+    leaf_wrong = [(t, p) for t, p in wrong if taxonomy.is_leaf(t) and taxonomy.is_leaf(p)]
+    heights = node_heights(taxonomy)
+    lca_heights = [heights[taxonomy.lowest_common_ancestor(t, p)] for t, p in leaf_wrong]
+    out: dict[str, float | int | None] = {
+        "mean_distance": None,
+        "mean_lca_depth": None,
+        "n_mistakes": len(wrong),
+        "mean_lca_height": float(np.mean(lca_heights)) if lca_heights else None,
+        "n_leaf_mistakes": len(leaf_wrong),
+    }
     if not wrong:
-        return {"mean_distance": None, "mean_lca_depth": None, "n_mistakes": 0}
+        return out
     paths, index, dist = _paths(taxonomy), taxonomy.index, taxonomy.distance_matrix
     distances = np.array([dist[index[t], index[p]] for t, p in wrong])
     depth_sums = np.array([len(paths[t]) + len(paths[p]) - 2 for t, p in wrong])
     lca_depths = (depth_sums - distances) / 2  # depth(t) + depth(p) = distance + 2 * depth(lca)
-    return {
-        "mean_distance": float(np.mean(distances)),
-        "mean_lca_depth": float(np.mean(lca_depths)),
-        "n_mistakes": len(wrong),
-    }
+    out["mean_distance"] = float(np.mean(distances))
+    out["mean_lca_depth"] = float(np.mean(lca_depths))
+    return out
 
 
 # -- calibration ----------------------------------------------------------------------------
@@ -555,6 +641,7 @@ def evaluate_predictions(
         "hF": hprf["hF"],
         "auroc": None,
         "per_level_accuracy": per_level_accuracy(taxonomy, y_true, y_pred),
+        "decision_accuracy": None,
         "depth_accuracy": depth_accuracy(taxonomy, y_true, y_pred),
         "per_class": per_class_prf(taxonomy, y_true, y_pred),
         "mistake_severity": mistake_severity(taxonomy, y_true, y_pred),
@@ -563,8 +650,9 @@ def evaluate_predictions(
         "notes": notes,
     }
     if probs is None:
-        notes.append("no probability columns: auroc and ece left out")
+        notes.append("no probability columns: auroc, ece and decision_accuracy left out")
     else:
         metrics["auroc"] = auroc(taxonomy, y_true, probs, notes=notes)
+        metrics["decision_accuracy"] = decision_accuracy(taxonomy, y_true, probs)
         metrics["ece"] = expected_calibration_error(taxonomy, y_true, probs, y_pred)
     return metrics

@@ -154,30 +154,94 @@ def test_table2_rows_and_numbers_match_the_fold_metrics(finished: Path):
     assert "std is the sample standard deviation" in markdown and "last" in markdown
 
 
-def test_table3_and_table4_average_the_folds(finished: Path):
+def test_table3_scores_each_decision_on_its_subtree_and_adds_all_classes(finished: Path):
     tables = read_json(finished / "tables.json")
     per_fold = {s: [read_json(cell_dir(finished, s, BACKBONE, k) / "metrics.json") for k in range(2)]
                 for s in ("flat", "joint")}
     rows3 = tables["table3"]["images"]
-    assert {(r["node"], r["decision"]) for r in rows3} == {("root", "Normal vs Reactive vs Leukemia"),
-                                                          ("Leukemia", "ALL vs CML")}
+    assert [(r["node"], r["decision"]) for r in rows3 if r["strategy"] == "flat"] == [
+        ("root", "Normal vs Reactive vs Leukemia"), ("Leukemia", "ALL vs CML"), ("all", "All 4 classes")]
     for r in rows3:
+        source = per_fold[r["strategy"]]
+        values = ([m["accuracy"] for m in source] if r["node"] == "all"
+                  else [m["decision_accuracy"][r["node"]] for m in source])
+        assert r["folds"] == values and r["mean"] == pytest.approx(np.mean(values))
+    for r in tables["table3_end_to_end"]["images"]:
         values = [m["per_level_accuracy"][r["node"]] for m in per_fold[r["strategy"]]]
-        assert r["mean"] == pytest.approx(np.mean(values))
-    rows4 = tables["table4"]
-    assert {r["node"] for r in rows4} == {"Normal", "Reactive", "Leukemia", "ALL", "CML"}
-    for r in rows4:
-        recalls = [m["per_class"][r["node"]]["recall"] for m in per_fold[r["strategy"]]]
-        assert r["recall"] == pytest.approx(np.mean([v for v in recalls if v is not None]))
-        assert r["support"] == sum(m["per_class"][r["node"]]["support"] for m in per_fold[r["strategy"]])
-    assert "## Table 3" in (finished / "tables.md").read_text()
+        assert r["mean"] == pytest.approx(np.mean(values)) and r["metric"] == "per_level_accuracy"
+    assert {r["node"] for r in tables["table3"]["groups"]} == {"root", "Leukemia", "all"}
+    markdown = (finished / "tables.md").read_text()
+    assert "## Table 3: accuracy of each decision on its own subtree" in markdown
+    assert "| model | root: Normal vs Reactive vs Leukemia | Leukemia: ALL vs CML | All 4 classes |" in markdown
+    assert "## End-to-end accuracy at each decision" in markdown
     # the tree cut at depth 1 (Normal | Reactive | Leukemia); depth 2 is Table 2's ACC
     rows_depth = tables["depth_accuracy"]["images"]
     assert {(r["depth"], r["classes"]) for r in rows_depth} == {(1, 3)}
     for r in rows_depth:
         values = [m["depth_accuracy"]["1"] for m in per_fold[r["strategy"]]]
         assert r["mean"] == pytest.approx(np.mean(values))
-    assert "| model | depth 1 (3 classes) |" in (finished / "tables.md").read_text()
+    assert "| model | depth 1 (3 classes) |" in markdown
+
+
+def test_table1_gives_macro_f1_per_backbone(finished: Path):
+    tables = read_json(finished / "tables.json")
+    for r in tables["table1"]["images"]:
+        values = [read_json(cell_dir(finished, r["strategy"], BACKBONE, k) / "metrics.json")["macro_f1"]
+                  for k in range(2)]
+        assert r["metric"] == "macro_f1" and r["folds"] == values
+    assert "## Table 1: macro-F1 per backbone" in (finished / "tables.md").read_text()
+    assert "| backbone | flat | joint |" in (finished / "tables.md").read_text()
+
+
+def test_table4_averages_the_folds_and_pools_their_counts(finished: Path):
+    tables = read_json(finished / "tables.json")
+    per_fold = {s: [read_json(cell_dir(finished, s, BACKBONE, k) / "metrics.json") for k in range(2)]
+                for s in ("flat", "joint")}
+    rows4 = tables["table4"]
+    assert {r["node"] for r in rows4} == {"Normal", "Reactive", "Leukemia", "ALL", "CML"}
+    for r in rows4:
+        recalls = [m["per_class"][r["node"]]["recall"] for m in per_fold[r["strategy"]]]
+        assert r["recall"] == pytest.approx(np.mean([v for v in recalls if v is not None]))
+        assert r["support"] == sum(m["per_class"][r["node"]]["support"] for m in per_fold[r["strategy"]])
+        assert r["pooled"]["tp"] + r["pooled"]["fn"] == r["support"]
+    assert "pooled precision" in (finished / "tables.md").read_text()
+
+
+def _csv_rows(run: Path) -> list[tuple[str, str]]:
+    import csv
+
+    with open(run / "predictions.csv", newline="", encoding="utf-8") as handle:
+        return [(row["label"], row["prediction"]) for row in csv.DictReader(handle)]
+
+
+def test_table4_merged_row_is_pooled_over_the_folds(finished: Path):
+    config = load_cv_config(finished.parent / "cv.yaml", {"table4_rows": {"Normal": "Normal", "ALL+CML": ["ALL", "CML"]}})
+    tables = cv.build_tables(config, cv.collect_cells(config), finished)
+    rows = [r for r in tables["table4"] if r["strategy"] == "joint"]
+    assert [(r["node"], r["nodes"]) for r in rows] == [("Normal", ["Normal"]), ("ALL+CML", ["ALL", "CML"])]
+    merged = rows[1]
+    pairs = [pair for k in range(2) for pair in _csv_rows(cell_dir(finished, "joint", BACKBONE, k))]
+    leukemia = {"ALL", "CML"}
+    tp = sum(t in leukemia and p in leukemia for t, p in pairs)
+    fp = sum(t not in leukemia and p in leukemia for t, p in pairs)
+    fn = sum(t in leukemia and p not in leukemia for t, p in pairs)
+    assert (merged["pooled"]["tp"], merged["pooled"]["fp"], merged["pooled"]["fn"]) == (tp, fp, fn)
+    assert merged["pooled"]["recall"] == pytest.approx(tp / (tp + fn))
+    assert merged["pooled"]["precision"] == (pytest.approx(tp / (tp + fp)) if tp + fp else None)
+    assert merged["support"] == tp + fn
+    assert "&nbsp;&nbsp;ALL+CML | " in cv.render_tables_markdown(tables)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ({"AML+APML": ["AML", "APML"]}, r"'table4_rows.AML\+APML': 'AML' is not a node of"),
+    ({"R": "Reactive"}, "'table4_rows.R': 'Reactive' is excluded"),
+    ({"R": []}, "needs a name and one or more node names"),
+    ({}, "names no row"),
+])
+def test_table4_rows_are_checked_against_the_tree(project: Path, rows: dict, message: str):
+    path = write_config(project, "cv-rows.yaml", exclude=["Reactive"], table4_rows=rows)
+    with pytest.raises(ConfigError, match=message):
+        load_cv_config(path)
 
 
 def test_a_finished_grid_is_not_retrained(finished: Path, monkeypatch):
@@ -416,6 +480,13 @@ def test_shipped_configs_are_valid():
     assert suite.fit_config("flat", "convnext_tiny", 0).strategy_options == {}
     without = load_cv_config(REPO / "examples" / "leukemia" / "cv-without-reactive.yaml")
     assert without.exclude == ["Reactive"] and without.strategies == suite.strategies
+    merged = ("Normal", "Reactive", "ALL", "AML+APML", "CLL", "CML")
+    assert [name for name, _ in suite.table4_rows_for(cv._table_taxonomy(suite))] == list(merged)
+    assert dict(without.table4_rows_for(cv._table_taxonomy(without)))["AML+APML"] == ("AML", "APML")
+    paper = load_cv_config(REPO / "examples" / "leukemia" / "cv-paper-stated.yaml")
+    stated = paper.fit_config("joint", "vit_small_patch16_384", 0)
+    assert (stated.optimizer, stated.img_size, stated.scheduler, stated.augment.hflip) == ("adamw", 384, "none", False)
+    assert paper.folds == 5 and paper.aggregator == "mode" and paper.group_by_available is True
     cpu = load_cv_config(REPO / "examples" / "blood-cells" / "cv-cpu.yaml")
     assert cpu.data == (REPO.parent / "shared" / "data" / "blood-cells" / "manifest.csv").resolve()
     assert cpu.taxonomy == (REPO / "taxonomy" / "blood-cells.yaml").resolve()
@@ -430,3 +501,16 @@ def test_a_cell_validates_once_after_its_last_epoch_unless_asked(project: Path):
     curves = load_cv_config(write_config(project, "cv-val1.yaml", fit={"epochs": 7, "val_every": 1}))
     assert curves.fit_config("joint", BACKBONE, 1).val_every == 1
     assert load_cv_config(write_config(project, "cv-val0.yaml", fit={})).fit_config("flat", BACKBONE, 0).val_every == 10
+
+
+def test_table1_config_validates_without_training():
+    """The paper's backbone comparison: flat 7-class on six backbones, Adam, parsed and checked only."""
+    table1 = load_cv_config(REPO / "examples" / "leukemia" / "cv-table1.yaml")
+    assert table1.strategies == ["flat"] and table1.folds == 5
+    assert table1.backbones == ["tv/resnet18", "tv/resnet50", "tv/googlenet", "tv/densenet121",
+                                "convnext_tiny", "vit_small_patch16_384"]
+    for backbone in table1.backbones:
+        fit = table1.fit_config("flat", backbone, 0)
+        assert fit.optimizer == "adam" and fit.loss in ("focal", "weighted_ce") and fit.img_size == 384
+        assert fit.pretrained is not None and safe_name(backbone) in str(fit.pretrained).replace("/", "_")
+    assert len(cv._table_taxonomy(table1).leaves) == 7

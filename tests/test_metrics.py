@@ -15,6 +15,7 @@ from hiercls.metrics import (
     accuracy,
     auroc,
     confusion_matrices,
+    decision_accuracy,
     evaluate_predictions,
     expected_calibration_error,
     hierarchical_prf,
@@ -22,8 +23,10 @@ from hiercls.metrics import (
     leaf_confusion_matrix,
     macro_f1,
     mistake_severity,
+    node_heights,
     per_class_prf,
     per_level_accuracy,
+    prf_counts,
 )
 from hiercls.probabilities import NodeProbabilities
 from hiercls.taxonomy import Taxonomy, load_taxonomy
@@ -213,8 +216,95 @@ def test_mistake_severity(leukemia):
 def test_mistake_severity_partial_label_and_no_mistakes(leukemia):
     assert mistake_severity(leukemia, ["Acute", "ALL"], ["APML", "ALL"]) == {
         "mean_distance": None, "mean_lca_depth": None, "n_mistakes": 0,
+        "mean_lca_height": None, "n_leaf_mistakes": 0,
     }
     assert mistake_severity(leukemia, ["Acute"], ["CLL"])["mean_distance"] == 3
+
+
+def test_node_heights_are_the_longest_path_down_to_a_leaf(leukemia):
+    heights = node_heights(leukemia)
+    assert heights["root"] == 3 and heights["Leukemia"] == 2 and heights["Acute"] == heights["Chronic"] == 1
+    assert all(heights[leaf] == 0 for leaf in leukemia.leaves)
+
+
+def test_mean_lca_height_bertinetto_examples(leukemia):
+    # ALL predicted CLL part at Leukemia (height 2); Normal predicted CML part at the root (height 3)
+    assert mistake_severity(leukemia, ["ALL"], ["CLL"])["mean_lca_height"] == 2
+    assert mistake_severity(leukemia, ["Normal"], ["CML"])["mean_lca_height"] == 3
+    # only leaf-to-leaf mistakes: CML->Chronic (a stop) and Acute->CLL (a partial label) are left out
+    result = mistake_severity(leukemia, ["ALL", "Normal", "CML", "Acute", "AML"], ["CLL", "CML", "Chronic", "CLL", "AML"])
+    assert result["mean_lca_height"] == pytest.approx(5 / 2)
+    assert (result["n_leaf_mistakes"], result["n_mistakes"]) == (2, 4)
+
+
+# -- decision accuracy (each decision on its own subtree) -----------------------------------
+
+
+def _conditionals(tax: Taxonomy, rows: list[dict[str, dict[str, float]]]) -> NodeProbabilities:
+    """Probabilities from per-row {internal node: {child: P(child | node)}}; unspecified decisions uniform."""
+    cond = np.ones((len(rows), tax.num_nodes))
+    for i, row in enumerate(rows):
+        for node in tax.internal_nodes:
+            children = tax.children(node)
+            given = row.get(node, {})
+            for child in children:
+                cond[i, tax.index[child]] = given.get(child, 1.0 / len(children))
+    return NodeProbabilities.from_conditionals(tax, cond)
+
+
+def test_decision_accuracy_scores_each_decision_on_its_own_subtree(leukemia):
+    true = ["CLL", "CML", "Acute", "Normal"]
+    probs = _conditionals(leukemia, [
+        # routed to Normal at the root, but the Leukemia and Chronic decisions are right
+        {"root": {"Normal": 0.6, "Reactive": 0.1, "Leukemia": 0.3}, "Leukemia": {"Acute": 0.2, "Chronic": 0.8},
+         "Chronic": {"CLL": 0.9, "CML": 0.1}},
+        {"root": {"Normal": 0.2, "Reactive": 0.1, "Leukemia": 0.7}, "Leukemia": {"Acute": 0.1, "Chronic": 0.9},
+         "Chronic": {"CLL": 0.6, "CML": 0.4}},
+        # a partial label at Acute: counts for root and Leukemia, not for Acute
+        {"root": {"Normal": 0.1, "Reactive": 0.1, "Leukemia": 0.8}, "Leukemia": {"Acute": 0.3, "Chronic": 0.7},
+         "Chronic": {"CLL": 0.7, "CML": 0.3}},
+        {"root": {"Normal": 0.5, "Reactive": 0.2, "Leukemia": 0.3}},
+    ])
+    pred = probs.decode("greedy")
+    assert pred == ["Normal", "CLL", "CLL", "Normal"]
+    assert decision_accuracy(leukemia, true, probs) == {
+        "root": 3 / 4,       # CLL routed to Normal
+        "Leukemia": 2 / 3,   # CLL (Chronic, right), CML (right), Acute (Chronic chosen, wrong)
+        "Acute": None,       # no image labelled under Acute
+        "Chronic": 1 / 2,    # CLL right on its own subtree, CML -> CLL wrong
+    }
+    # end to end, the routing error above counts as a miss at every decision below it
+    assert per_level_accuracy(leukemia, true, pred) == {"root": 3 / 4, "Leukemia": 1 / 3, "Acute": None, "Chronic": 0.0}
+
+
+def test_decision_accuracy_from_marginals_picks_the_child_with_the_highest_marginal(leukemia):
+    order = {leaf: k for k, leaf in enumerate(leukemia.leaves)}
+    leaf_probs = np.zeros((1, len(order)))
+    for leaf, p in {"Normal": 0.6, "ALL": 0.05, "AML": 0.05, "CLL": 0.2, "CML": 0.1}.items():
+        leaf_probs[0, order[leaf]] = p
+    probs = NodeProbabilities.from_leaf_probabilities(leukemia, leaf_probs)
+    # root: Normal 0.6 > Leukemia 0.4 (wrong); Leukemia: Chronic 0.3 > Acute 0.1; Chronic: CLL 0.2 > CML 0.1
+    assert decision_accuracy(leukemia, ["CLL"], probs) == {"root": 0.0, "Leukemia": 1.0, "Acute": None, "Chronic": 1.0}
+
+
+def test_evaluate_predictions_reports_decision_accuracy_only_with_probabilities(leukemia):
+    true, pred = _split(WORKED)
+    probs = _random_probs(leukemia, len(true), seed=3)
+    metrics = evaluate_predictions(leukemia, true, pred, probs)
+    assert metrics["decision_accuracy"] == decision_accuracy(leukemia, true, probs)
+    assert evaluate_predictions(leukemia, true, pred)["decision_accuracy"] is None
+
+
+def test_prf_counts_of_a_merged_class(leukemia):
+    true = ["AML", "APML", "ALL", "Acute", "Normal", "APML"]
+    pred = ["APML", "AML", "AML", "AML", "APML", "ALL"]
+    # AML+APML: AML->APML and APML->AML are hits; ALL->AML and Normal->APML false positives;
+    # APML->ALL a miss; the partial label Acute says nothing about AML+APML and is left out
+    assert prf_counts(leukemia, true, pred, ["AML", "APML"]) == {"tp": 2, "fp": 2, "fn": 1}
+    per_class = per_class_prf(leukemia, true, pred)
+    assert per_class["AML"]["support"] == 1 and per_class["APML"]["support"] == 2
+    with pytest.raises(ValueError, match="non-root nodes"):
+        prf_counts(leukemia, true, pred, ["root"])
 
 
 # -- calibration ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+import torch
 import torchvision
 from torch import nn
 
@@ -23,6 +24,43 @@ PAPER_MODELS = ("resnet18", "resnet50", "googlenet", "densenet121", "convnext_ti
 
 # Models with auxiliary classifiers: a backbone needs only the main path.
 _NO_AUX = {"googlenet": {"aux_logits": False, "init_weights": True}, "inception_v3": {"aux_logits": False, "init_weights": True}}
+
+# torchvision's ImageNet GoogLeNet was trained on inputs scaled to [-1, 1]; built with those
+# weights it sets transform_input=True, which maps ImageNet-normalised inputs (what hiercls
+# feeds) back to that scale, channel by channel: x * std / 0.5 + (mean - 0.5) / 0.5.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GoogLeNetBackbone(torchvision.models.GoogLeNet):
+    """torchvision's GoogLeNet whose input transform travels with its weights.
+
+    ``transform_input`` is a plain attribute in torchvision, so a run rebuilt from its own
+    checkpoint (without the ImageNet file) would forget it and feed the network other inputs
+    than it was trained on. Here the transform is two buffers, ``input_scale`` and
+    ``input_shift`` (identity when off), saved in every checkpoint. A checkpoint from before
+    they existed loads as the identity, which is how it was trained.
+    """
+
+    def __init__(self, transform_input: bool = False, **kwargs: Any) -> None:
+        super().__init__(transform_input=False, **kwargs)
+        if transform_input:
+            scale = [s / 0.5 for s in _IMAGENET_STD]
+            shift = [(m - 0.5) / 0.5 for m in _IMAGENET_MEAN]
+        else:
+            scale, shift = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
+        self.register_buffer("input_scale", torch.tensor(scale).view(1, 3, 1, 1))
+        self.register_buffer("input_shift", torch.tensor(shift).view(1, 3, 1, 1))
+
+    def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.input_scale + self.input_shift
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        for name in ("input_scale", "input_shift"):  # older checkpoints: no transform, as trained
+            identity = torch.ones(1, 3, 1, 1) if name == "input_scale" else torch.zeros(1, 3, 1, 1)
+            state_dict.setdefault(prefix + name, identity)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 EXPORT_HINT = (
     "hiercls never downloads weights: on a machine with internet run "
@@ -55,8 +93,13 @@ def create_torchvision_backbone(name: str, pretrained: str | Path | None = None,
     options = {**_NO_AUX.get(arch, {}), **kwargs}
     if "weights" in options or "num_classes" in options:
         raise ConfigError(f"backbone '{name}': options weights / num_classes are set by hiercls; use `pretrained: PATH`")
+    if arch == "googlenet":  # as torchvision does when it loads the ImageNet weights
+        options.setdefault("transform_input", pretrained is not None)
     try:
-        model = torchvision.models.get_model(arch, weights=None, **options)
+        if arch == "googlenet":
+            model = GoogLeNetBackbone(**options)
+        else:
+            model = torchvision.models.get_model(arch, weights=None, **options)
     except TypeError as exc:
         raise ConfigError(f"backbone '{name}' does not accept option(s) {', '.join(sorted(kwargs))} ({exc})") from None
     except ValueError as exc:  # torchvision validates e.g. ViT image_size against the patch size
@@ -65,6 +108,8 @@ def create_torchvision_backbone(name: str, pretrained: str | Path | None = None,
     if pretrained is not None:
         path = _weights_path(pretrained, arch)
         state = read_weights_file(path, name)
+        if isinstance(model, GoogLeNetBackbone):  # a torchvision file has no transform buffers: keep ours
+            state = {**state, "input_scale": model.input_scale, "input_shift": model.input_shift}
         load_backbone_weights(model, state, str(path), name, skip_prefixes=(removed + ".",))
     layer, is_token, prefix_tokens = _gradcam_target(model, arch)
     return set_backbone_attributes(
