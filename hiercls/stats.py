@@ -269,7 +269,8 @@ def metric_ci(
         if taxonomy is None:
             raise ValueError(f"the built-in metric {metric!r} needs the taxonomy")
         estimate = _builtin_estimates([metric], taxonomy, y_true, y_pred)[metric]
-        values = _bootstrap_builtin([metric], [_row_statistics(taxonomy, y_true, y_pred)], codes, resamples, seed)[0][metric]
+        stats = _row_statistics(taxonomy, y_true, y_pred)
+        values = _bootstrap_builtin([metric], [stats], codes, resamples, seed)[0][metric]
     else:
         y_probs = probs[keep] if probs is not None else None
         estimate = _call(metric, y_true, y_pred, y_probs)

@@ -240,7 +240,8 @@ def test_cli_compare_reads_run_folders_and_pools_folds(tax, tmp_path, capsys):
                 pooled["labels"] += labels
             pooled["a" if model == "flat" else "b"] += preds
     out = tmp_path / "cmp"
-    assert main(["compare", str(tmp_path / "flat"), str(tmp_path / "joint"), "--resamples", "100", "--out", str(out)]) == 0
+    flat, joint = str(tmp_path / "flat"), str(tmp_path / "joint")
+    assert main(["compare", flat, joint, "--resamples", "100", "--out", str(out)]) == 0
     result = json.loads((out / "comparison.json").read_text())
     assert set(result["A"]) == {"fold0", "fold1"} and result["n_images"] == 80
     expected = paired_comparison(tax, pooled["labels"], pooled["a"], pooled["b"], resamples=100)
