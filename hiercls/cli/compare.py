@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"--group-by {args.group_by}: no row of {args.a} has a value; fill it or leave --group-by out")
     result = paired_comparison(
         taxonomy, rows["labels"], rows["a"], rows["b"], groups=rows["clusters"],
-        resamples=args.resamples, seed=args.seed, unit=args.group_by and "group" or "image",
+        resamples=args.resamples, seed=args.seed, unit="group" if args.group_by else "image",
     )
     result["A"] = {unit: str(path) for unit, path in files_a.items()}
     result["B"] = {unit: str(path) for unit, path in files_b.items()}
