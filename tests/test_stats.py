@@ -266,3 +266,31 @@ def test_cli_evaluate_ci_adds_intervals(tax, two_sets, tmp_path, capsys):
         assert ci["resamples"] == 1000 and ci["unit"] == "group" and ci["n_units"] == 20
     assert metrics["ci"] == headline_cis(tax, labels, a, groups=groups)
     assert "95% CI" in capsys.readouterr().out
+
+
+def test_cli_compare_pools_seeds_matched_by_pattern(tax, tmp_path):
+    """``'OUT/seed*/model'``: every seed's folds, named seed<s>/fold<k> on both sides, pooled; copies of an image
+    from several seeds are one bootstrap unit."""
+    rng = np.random.default_rng(6)
+    labels = _labels(tax, 30, rng)
+    pooled: dict[str, list] = {"labels": [], "a": [], "b": [], "paths": []}
+    for seed in range(2):
+        for model, p_correct in (("flat", 0.5), ("joint", 0.8)):
+            preds = _noisy(tax, labels, p_correct, rng)
+            cell = tmp_path / "cv" / f"seed{seed}" / model / "fold0"
+            cell.mkdir(parents=True)
+            _write(cell / "predictions.csv", [f"img{i}.jpg" for i in range(30)], labels, preds)
+            pooled["a" if model == "flat" else "b"] += preds
+        pooled["labels"] += labels
+        pooled["paths"] += [f"img{i}.jpg" for i in range(30)]
+    out = tmp_path / "cmp"
+    pattern = str(tmp_path / "cv" / "seed*" / "{}")
+    assert main(["compare", pattern.format("flat"), pattern.format("joint"), "--taxonomy", str(LEUKEMIA),
+                 "--resamples", "100", "--out", str(out)]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert set(result["A"]) == set(result["B"]) == {"seed0/fold0", "seed1/fold0"}
+    assert result["n_images"] == 60 and result["bootstrap"]["n_units"] == 30
+    expected = paired_comparison(tax, pooled["labels"], pooled["a"], pooled["b"], groups=pooled["paths"],
+                                 resamples=100)
+    assert result["mcnemar"] == expected["mcnemar"]
+    assert result["metrics"]["hF"] == pytest.approx(expected["metrics"]["hF"])

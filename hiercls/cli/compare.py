@@ -7,6 +7,7 @@ statistics happen inside ``run``, not here.
 from __future__ import annotations
 
 import argparse
+import glob
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,13 +39,15 @@ def register(subparsers) -> None:
             "gets right and the other wrong. A and B are predictions CSVs (from `hiercls predict` or "
             "`hiercls evaluate --run`), folders holding predictions.csv (an evaluation's --out, a run "
             "with eval/predictions.csv, a cv cell), or a cv model folder with fold*/predictions.csv "
-            "(folds are matched by name and pooled). See docs/statistics.md.",
+            "(folds are matched by name and pooled); a quoted pattern pools every match (cv seeds). "
+            "See docs/statistics.md.",
             width=88,
         ),
         example_lines=(
             "hiercls compare runs/flat/eval/predictions.csv runs/joint/eval/predictions.csv --taxonomy T.yaml",
             "hiercls compare runs/flat runs/joint --out runs/flat-vs-joint   # RUN/eval/predictions.csv",
             "hiercls compare runs/cv/flat__resnet18 runs/cv/joint__resnet18 --group-by group   # cv folds, pooled",
+            "hiercls compare 'runs/cv/seed*/flat__resnet18' 'runs/cv/seed*/joint__resnet18'   # cv seeds, pooled",
         ),
     )
     parser.add_argument("a", metavar="A", help="predictions CSV or folder of the reference set")
@@ -64,7 +67,13 @@ def register(subparsers) -> None:
 
 
 def prediction_files(arg: str) -> dict[str, Path]:
-    """``{unit: CSV}``: one unnamed unit for a file or run folder, one per fold (and seed) for a cv model folder."""
+    """``{unit: CSV}``: one unnamed unit for a file or run folder, one per fold (and seed) for a cv model folder.
+
+    A pattern (``runs/cv/seed*/joint__resnet18``) pools every match; its units are named by the parts
+    the wildcards matched (``seed0/fold1``), so A and B pair up when their patterns match alike.
+    """
+    if glob.has_magic(arg):
+        return _pattern_files(arg)
     path = Path(arg)
     if path.is_file():
         return {"": path}
@@ -80,6 +89,20 @@ def prediction_files(arg: str) -> dict[str, Path]:
         f"{arg}: no {PREDICTIONS} in it, in {arg}/eval/ or in {arg}/fold*/; run `hiercls evaluate --run {arg} "
         f"--split val --out {arg}/eval` first, or give the predictions CSV"
     )
+
+
+def _pattern_files(pattern: str) -> dict[str, Path]:
+    matches = sorted(glob.glob(pattern))
+    if not matches:
+        raise DataError(f"{pattern}: matches no file or folder")
+    wild = [i for i, part in enumerate(Path(pattern).parts) if glob.has_magic(part)]
+    files: dict[str, Path] = {}
+    for match in matches:
+        parts = Path(match).parts
+        prefix = "/".join(parts[i] for i in wild if i < len(parts))
+        for unit, csv_path in prediction_files(match).items():
+            files["/".join(p for p in (prefix, unit) if p)] = csv_path
+    return files
 
 
 def _taxonomy_near(csv_path: Path) -> Path | None:
