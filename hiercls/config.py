@@ -107,6 +107,8 @@ class FitConfig(BaseModel):
     # epoch. Short GPU epochs (seconds) would otherwise spend much of their time writing weights.
     checkpoint_minutes: float = Field(5.0, ge=0)
     seed: int = 0
+    # Seed of the train/val or fold split (default: seed), so several training seeds can share one split.
+    split_seed: int | None = None
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
