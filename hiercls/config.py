@@ -108,6 +108,8 @@ class FitConfig(BaseModel):
     checkpoint_minutes: float = Field(5.0, ge=0, allow_inf_nan=False)
     # numpy and torch take seeds in [0, 2**32): a negative one is refused here, not deep in a split
     seed: int = Field(0, ge=0, lt=2**32)
+    # Seed of the train/val or fold split (default: seed), so several training seeds can share one split.
+    split_seed: int | None = Field(None, ge=0, lt=2**32)
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"

@@ -56,6 +56,7 @@ __all__ = [
     "build_tables",
     "render_tables_markdown",
     "write_tables",
+    "write_seed_tables",
     "CV_OWNED_OPTIONS",
     "DONE_FILE",
 ]
@@ -63,7 +64,7 @@ __all__ = [
 STRATEGIES = ("flat", "per_node", "per_level", "joint")
 # FitConfig options that the cross-validation sets itself, per cell; they are not allowed under ``fit:``.
 CV_OWNED_OPTIONS = ("taxonomy", "data", "out", "strategy", "backbone", "fold", "folds", "val_fraction", "seed",
-                    "group_regex", "exclude")
+                    "split_seed", "group_regex", "exclude")
 # ``fit:`` options that may change between two invocations on the same OUT (they do not change results).
 _RESTART_FREE = ("device", "num_workers", "cache_dir", "precision", "compile")
 DONE_FILE = "cv_done.json"
@@ -84,6 +85,8 @@ class CVConfig(BaseModel):
     out: Path
     folds: int = Field(5, ge=2)
     seed: int = 0
+    # Training seeds: each trains the whole grid again in OUT/seed<s>/, on the same folds (split by ``seed``).
+    seeds: list[int] | None = Field(None, min_length=1)
     group_regex: str | None = None
     exclude: list[str] = Field(default_factory=list)
     strategies: list[Literal["flat", "per_node", "per_level", "joint"]] = Field(
@@ -98,6 +101,7 @@ class CVConfig(BaseModel):
     table4_rows: dict[str, str | list[str]] | None = None
 
     _source: str | None = PrivateAttr(default=None)
+    _train_seed: int | None = PrivateAttr(default=None)
 
     @field_validator("strategies", "backbones", "exclude")
     @classmethod
@@ -105,6 +109,14 @@ class CVConfig(BaseModel):
         repeated = sorted({v for v in value if value.count(v) > 1})
         if repeated:
             raise ValueError(f"lists {', '.join(repeated)} more than once; give each once")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int] | None) -> list[int] | None:
+        repeated = sorted({v for v in value or [] if value.count(v) > 1})
+        if repeated:
+            raise ValueError(f"lists seed {', '.join(map(str, repeated))} more than once; give each once")
         return value
 
     @field_validator("backbones")
@@ -174,6 +186,12 @@ class CVConfig(BaseModel):
         """(strategy, backbone, fold) of every cell, fold-major so partial tables compare all models."""
         return [(s, b, k) for k in range(self.folds) for b in self.backbones for s in self.strategies]
 
+    def for_seed(self, seed: int) -> CVConfig:
+        """The grid of one training seed: cells in ``OUT/seed<s>/``, folds still split with ``seed``."""
+        copy = self.model_copy(update={"out": Path(self.out) / f"seed{seed}", "seeds": None})
+        copy._source, copy._train_seed = self._source, seed
+        return copy
+
     def pretrained_for(self, backbone: str) -> Path | None:
         """The local weights file for ``backbone`` (``fit.pretrained`` is one path or a per-backbone mapping)."""
         value = self.fit.get("pretrained")
@@ -223,6 +241,8 @@ class CVConfig(BaseModel):
             group_regex=self.group_regex, exclude=list(self.exclude),
             pretrained=pretrained,
         )
+        if self._train_seed is not None:  # a seed of the ``seeds`` axis trains; ``seed`` still splits
+            options.update(seed=self._train_seed, split_seed=self.seed)
         try:
             return FitConfig.model_validate(options)
         except ValidationError as exc:
@@ -521,14 +541,33 @@ def run_cv(config: CVConfig, console: Console | None = None, progress: bool = Tr
 
     Finished cells (``cv_done.json`` present) are skipped; an unfinished cell with a checkpoint is
     resumed, one without is started again (only that hiercls-made cell folder is cleared). Every
-    fold uses the same grouped split for all strategies and backbones (same seed).
+    fold uses the same grouped split for all strategies and backbones (same seed). With ``seeds``
+    the grid runs once per training seed in ``OUT/seed<s>/`` (its own tables there), every seed on
+    the same folds, and ``OUT/tables.md`` compares the seeds.
     """
-    from hiercls import engine
-
     console = console or Console(stderr=True)
     config = _absolute(config)
     _check_inputs(config)
     out = _prepare_out(config)
+    if config.seeds is None:
+        return _run_grid(config, out, console, progress)
+    result = CVResult(out, out / "tables.md", out / "tables.json")
+    for seed in config.seeds:
+        one_seed = config.for_seed(seed)
+        part = _run_grid(one_seed, Path(one_seed.out), console, progress)
+        result.cells += part.cells
+        write_seed_tables(config, out)
+        if part.interrupted:
+            result.interrupted = True
+            break
+    return result
+
+
+def _run_grid(config: CVConfig, out: Path, console: Console, progress: bool) -> CVResult:
+    """The cells of one training seed, in ``out``."""
+    from hiercls import engine
+
+    out.mkdir(parents=True, exist_ok=True)
     cells = config.cells
     states = {(s, b, k): _cell_state(cell_dir(out, s, b, k)) for s, b, k in cells}
     _print_plan(console, config, states, out)
@@ -568,7 +607,7 @@ def run_cv(config: CVConfig, console: Console | None = None, progress: bool = Tr
         metrics = evaluate_cell(config, run_dir, table_cache, console, progress)
         seconds = time.perf_counter() - t0
         atomic_write_json(run_dir / DONE_FILE, {
-            "strategy": strategy, "backbone": backbone, "fold": fold, "folds": config.folds,
+            "strategy": strategy, "backbone": backbone, "fold": fold, "folds": config.folds, "seed": fit_config.seed,
             "epochs": run.epochs_completed, "checkpoint": CHECKPOINT, "seconds": round(seconds, 1),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
@@ -653,6 +692,7 @@ def evaluate_cell(
     metrics["cv"] = {
         "strategy": loaded.config.strategy, "backbone": loaded.config.backbone, "fold": loaded.config.fold,
         "folds": loaded.config.folds, "checkpoint": CHECKPOINT, "epoch": loaded.metadata.get("epoch"),
+        "seed": loaded.config.seed,
     }
     metrics = json_ready(metrics)
     atomic_write_json(run_dir / "metrics.json", metrics)
@@ -970,4 +1010,80 @@ def write_tables(config: CVConfig, out: str | Path | None = None) -> tuple[Path,
     tables = build_tables(config, collect_cells(config, out), out)
     json_path = atomic_write_json(out / "tables.json", tables)
     md_path = atomic_write_text(out / "tables.md", render_tables_markdown(tables))
+    return md_path, json_path
+
+
+# -- several training seeds -----------------------------------------------------------------
+
+
+def build_seed_tables(config: CVConfig, out: str | Path | None = None) -> dict[str, Any]:
+    """Table 2 over the training seeds: each seed's mean over folds, then mean ± std over the seeds.
+
+    The std over seeds measures how much a model's cross-validated score moves with its training
+    seed alone (the folds are the same for every seed); each seed's own tables are in
+    ``OUT/seed<s>/tables.md``.
+    """
+    out = Path(out or config.out)
+    seeds = list(config.seeds or [])
+    per_seed = {}
+    for seed in seeds:
+        one_seed = config.for_seed(seed)
+        per_seed[seed] = build_tables(one_seed, collect_cells(one_seed, out / f"seed{seed}"))
+    levels = list(dict.fromkeys(level for t in per_seed.values() for level in t["table2"]))
+    table2: dict[str, list[dict[str, Any]]] = {}
+    for level in levels:
+        keys = list(dict.fromkeys((r["strategy"], r["backbone"], r["metric"])
+                                  for t in per_seed.values() for r in t["table2"].get(level, [])))
+        rows = []
+        for strategy, backbone, metric in keys:
+            values = [next((r["mean"] for r in per_seed[seed]["table2"].get(level, [])
+                            if (r["strategy"], r["backbone"], r["metric"]) == (strategy, backbone, metric)), None)
+                      for seed in seeds]
+            mean, std, n = _mean_std(values)
+            rows.append({"strategy": strategy, "backbone": backbone, "metric": metric, "seeds": values,
+                         "mean": mean, "std": std, "n_seeds": n})
+        table2[level] = rows
+    return {
+        "seeds": seeds,
+        "split_seed": config.seed,
+        "folds": config.folds,
+        "finished_cells": sum(t["finished_cells"] for t in per_seed.values()),
+        "total_cells": len(config.cells) * len(seeds),
+        "notes": [
+            f"every seed trains on the same {config.folds} folds (split with seed {config.seed})",
+            "a seed's value is its mean over the folds (of the folds finished so far); mean and std "
+            "(n - 1) over the seeds measure the training-seed variation alone",
+        ],
+        "table2": table2,
+    }
+
+
+def render_seed_tables_markdown(tables: dict[str, Any]) -> str:
+    """The seeds summary as markdown (what ``OUT/tables.md`` holds when ``seeds`` is given)."""
+    seeds = tables["seeds"]
+    titles = {key: title for key, title, _ in _TABLE2_METRICS}
+    lines = ["# Cross-validation results over training seeds", "",
+             f"- seeds {', '.join(map(str, seeds))}; finished cells: {tables['finished_cells']} of "
+             f"{tables['total_cells']}",
+             "- each seed's full tables: " + ", ".join(f"[seed {s}](seed{s}/tables.md)" for s in seeds), "",
+             *(f"Note: {n}." for n in tables["notes"]), ""]
+    for level, rows in tables["table2"].items():
+        lines += [f"## Table 2 per seed (mean over folds), {'image' if level == 'images' else 'group'} level", "",
+                  "| model | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std over seeds |",
+                  "|---|---|" + "---:|" * len(seeds) + "---:|"]
+        for r in rows:
+            spread = "–" if r["mean"] is None else f"{r['mean']:.3f}"
+            spread += f" ± {r['std']:.3f}" if r["std"] is not None else ""
+            lines.append(f"| {r['strategy']} / {r['backbone']} | {titles[r['metric']]} | "
+                         + " | ".join(_fmt(v) for v in r["seeds"]) + f" | {spread} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_seed_tables(config: CVConfig, out: str | Path | None = None) -> tuple[Path, Path]:
+    """Rewrite ``OUT/tables.json`` and ``OUT/tables.md`` with the comparison of the seeds."""
+    out = Path(out or config.out)
+    tables = json_ready(build_seed_tables(config, out))
+    json_path = atomic_write_json(out / "tables.json", tables)
+    md_path = atomic_write_text(out / "tables.md", render_seed_tables_markdown(tables))
     return md_path, json_path

@@ -138,12 +138,13 @@ def _prepare_data(config: FitConfig) -> _Prepared:
         table = table.subset(np.where(keep)[0])
     if len(table) == 0:
         raise DataError(f"{config.data}: no labelled images left to train on (after excluding {config.exclude})")
+    split_seed = config.seed if config.split_seed is None else config.split_seed
     if config.folds is not None:
-        folds = grouped_kfold(table, config.folds, config.seed)
+        folds = grouped_kfold(table, config.folds, split_seed)
         train_idx, val_idx = folds[config.fold]
         note = f"fold {config.fold} of {config.folds}"
     elif config.effective_val_fraction > 0:
-        train_idx, val_idx = grouped_train_val_split(table, config.effective_val_fraction, config.seed)
+        train_idx, val_idx = grouped_train_val_split(table, config.effective_val_fraction, split_seed)
         note = f"val_fraction {config.effective_val_fraction:g}"
     else:
         train_idx, val_idx = np.arange(len(table)), np.arange(0)

@@ -79,6 +79,8 @@ def register(subparsers) -> None:
         "--threshold", type=float, default=0.5, help="stop threshold of --decode threshold (default 0.5)"
     )
     parser.add_argument("--title", default="Evaluation report", help="title of report.md")
+    parser.add_argument("--ci", action="store_true", help="95%% bootstrap confidence intervals of accuracy, macro-F1 "
+                        "and hP/hR/hF (over groups with --group-by; docs/statistics.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/metrics.json and report")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="with --run: no progress bars while images are decoded and predicted (logs)")
@@ -287,6 +289,10 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_predictions(taxonomy, preds.labels, pred_nodes, preds.probs)
     if groups is not None:
         metrics["groups"] = _group_metrics(taxonomy, preds, pred_nodes, groups, args)
+    if args.ci:
+        from hiercls.stats import headline_cis
+
+        metrics["ci"] = headline_cis(taxonomy, preds.labels, pred_nodes, groups=groups)
 
     metrics = json_ready(metrics)
     atomic_write_json(out / "metrics.json", metrics)
@@ -295,4 +301,9 @@ def run(args: argparse.Namespace) -> int:
         out, metrics, taxonomy, [preds.labels[i] for i in labelled], [pred_nodes[i] for i in labelled], title=args.title
     )
     _print_summary(metrics, taxonomy, out)
+    if args.ci:
+        from hiercls.stats import ci_lines
+
+        for line in ci_lines(metrics["ci"]):
+            console.print(line, highlight=False)
     return 0
