@@ -24,8 +24,10 @@ from conftest import write_image, write_smears
 from PIL import Image
 
 from hiercls.cli import main
-from hiercls.data import audit, load_images, open_rgb
+from hiercls.data import ImageCache, audit, load_images, open_rgb
+from hiercls.data import cache as cache_module
 from hiercls.data import images as images_module
+from hiercls.data.cache import STALE_TEMPORARY_AGE_S
 from hiercls.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,3 +282,96 @@ def test_audit_help_documents_the_exit_status(capsys):
         main(["audit", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "Exit status: 0 when nothing was found, 1 when problems were found" in out
+
+
+# -- (5) a full disk while building the image cache ------------------------------------
+
+
+@pytest.fixture
+def few_images(tmp_path):
+    return [write_image(tmp_path / "img" / f"{k}.png", size=(20, 20), seed=k) for k in range(3)]
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_is_a_clear_error_and_leaves_no_temporary_file(tmp_path, few_images, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
+    with pytest.raises(DataError) as info:
+        ImageCache(cache_dir).load(few_images, 64, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{cache_dir}: not enough disk space for the image cache: 3 images at 64px need")
+    assert "MiB are free there" in message and "--cache-dir" in message and "HIERCLS_CACHE" in message
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_without_fallocate_zeros_are_written_and_a_full_disk_is_still_clear(tmp_path, few_images, monkeypatch):
+    def unsupported(*args, **kwargs):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported, raising=False)
+    written = []
+    real_write_zeros = cache_module._write_zeros
+
+    def recording_write_zeros(fd, offset, length):
+        written.append(length)
+        real_write_zeros(fd, offset, length)
+
+    monkeypatch.setattr(cache_module, "_write_zeros", recording_write_zeros)
+    array = ImageCache(tmp_path / "c1").load(few_images, 8, progress=False)
+    assert written == [3 * 8 * 8 * 3]
+    assert np.array_equal(array, ImageCache(tmp_path / "c2").load(few_images, 8, progress=False))
+
+    monkeypatch.setattr(cache_module, "_write_zeros", no_space)
+    with pytest.raises(DataError, match="not enough disk space"):
+        ImageCache(tmp_path / "c3").load(few_images, 8, progress=False)
+    assert list((tmp_path / "c3").iterdir()) == []
+
+
+def test_cache_space_is_allocated_before_images_are_written(tmp_path, few_images, monkeypatch):
+    allocated = []
+    real = cache_module._allocate
+
+    def record(path, offset, length):
+        real(path, offset, length)
+        allocated.append(os.stat(path).st_blocks * 512 >= offset + length)
+
+    monkeypatch.setattr(cache_module, "_allocate", record)
+    ImageCache(tmp_path / "cache").load(few_images, 32, progress=False)
+    assert allocated == [True]  # the blocks exist on disk: the file is not sparse
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporary_files_are_removed_by_the_next_load(tmp_path, few_images):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    key, host = "0123456789abcdef" * 2, cache_module._host_tag()
+    killed = cache_dir / f".{key}.{host}-{dead_pid()}.{'a' * 32}.tmp.npy"  # writer gone
+    old = cache_dir / f".{key}.{'b' * 32}.tmp.npy"  # older naming, two days old
+    running = cache_dir / f".{key}.{host}-{os.getpid()}.{'c' * 32}.tmp.npy"  # writer alive
+    elsewhere = cache_dir / f".{key}.otherhost-1.{'d' * 32}.tmp.json"  # another host, recent
+    unrelated = cache_dir / ".keep"
+    for path in (killed, old, running, elsewhere, unrelated):
+        path.write_bytes(b"\0" * 100)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    ImageCache(cache_dir).load(few_images, 8, progress=False)
+    left = {p.name for p in cache_dir.iterdir() if p.name.startswith(".")}
+    assert left == {running.name, elsewhere.name, unrelated.name}
+    assert STALE_TEMPORARY_AGE_S == 24 * 3600  # the documented age
+
+
+def test_stale_temporary_is_removed_even_on_a_cache_hit(tmp_path, few_images):
+    cache = ImageCache(tmp_path / "cache")
+    cache.load(few_images, 8, progress=False)
+    killed = tmp_path / "cache" / f".{'e' * 32}.{cache_module._host_tag()}-{dead_pid()}.{'f' * 32}.tmp.npy"
+    killed.write_bytes(b"\0" * 100)
+    cache.load(few_images, 8, progress=False)
+    assert cache.last_decoded == 0 and not killed.exists()
