@@ -1,5 +1,6 @@
-"""Files that are not what they claim: FIFOs, device links, float images with NaN, a full disk,
-a tree with untrained decisions, and the audit's exit status.
+"""Files that are not what they claim (FIFOs, device links, float images with NaN), a full disk
+under the image cache, a training set that leaves decisions of the tree empty, and the audit's
+exit status.
 
 Calls that would block or read forever without the fix run in a subprocess with a timeout
 (and a memory limit), so a regression fails the test instead of hanging the suite.
@@ -28,7 +29,10 @@ from hiercls.data import ImageCache, audit, load_images, open_rgb
 from hiercls.data import cache as cache_module
 from hiercls.data import images as images_module
 from hiercls.data.cache import STALE_TEMPORARY_AGE_S
-from hiercls.errors import DataError
+from hiercls.data.coverage import check_training_coverage, training_counts
+from hiercls.data.dataset import DataWarning
+from hiercls.errors import DataError, HierclsWarning
+from hiercls.taxonomy import Taxonomy
 
 REPO = Path(__file__).resolve().parents[1]
 HANG_TIMEOUT_S = 120  # generous: the child imports numpy, PIL and scikit-learn on a busy machine
@@ -375,3 +379,82 @@ def test_stale_temporary_is_removed_even_on_a_cache_hit(tmp_path, few_images):
     killed.write_bytes(b"\0" * 100)
     cache.load(few_images, 8, progress=False)
     assert cache.last_decoded == 0 and not killed.exists()
+
+
+# -- (10) a training set that does not cover the tree ------------------------------------
+
+
+SEVEN_LEAVES = {
+    "name": "seven",
+    "root": "root",
+    "children": [
+        {"name": "Normal", "aliases": ["healthy"]},
+        "Reactive",
+        {"name": "Malignant", "children": [
+            {"name": "Acute", "children": ["ALL", "AML", "APML"]},
+            {"name": "Chronic", "children": ["CLL", "CML"]},
+        ]},
+    ],
+}
+
+
+@pytest.fixture
+def seven():
+    return Taxonomy.from_dict(SEVEN_LEAVES, source="seven.yaml")
+
+
+def test_full_coverage_is_silent(seven):
+    labels = ["Normal", "healthy", "Reactive", "ALL", "AML", "APML", "CLL", "CML", None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_training_coverage(seven, labels) == []
+
+
+def test_one_leaf_of_seven_with_images_stops_before_training(seven):
+    with pytest.warns(DataWarning, match=r"6 of 7 leaves of the tree 'seven' have no training images "
+                                         r"\(Reactive, ALL, AML, APML, CLL, CML\)"):
+        with pytest.raises(DataError) as info:
+            check_training_coverage(seven, ["Normal"] * 20)
+    message = str(info.value)
+    assert message.startswith("4 decision(s) of the tree 'seven' have fewer than two children with training images")
+    assert "root (Normal: 20, Reactive: 0, Malignant: 0)" in message
+    assert "Acute (ALL: 0, AML: 0, APML: 0)" in message and "Chronic (CLL: 0, CML: 0)" in message
+    assert "exclude" in message and "--allow-incomplete-tree" in message
+
+
+def test_allow_incomplete_only_warns_and_returns_the_empty_leaves(seven):
+    with pytest.warns(DataWarning) as caught:
+        empty = check_training_coverage(seven, ["Normal", "ALL", "CLL"], allow_incomplete=True)
+    assert empty == ["Reactive", "AML", "APML", "CML"]
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 2 and "4 of 7 leaves" in texts[0]
+    assert "Acute (ALL: 1, AML: 0, APML: 0)" in texts[1] and "Chronic (CLL: 1, CML: 0)" in texts[1]
+    assert "training anyway" in texts[1]
+    assert issubclass(DataWarning, HierclsWarning)
+
+
+def test_partial_labels_count_for_their_node_and_ancestors_only(seven):
+    labels = ["Normal", "Reactive", "Acute", "Acute", "CLL", "CML"]  # Acute: partial labels only
+    with pytest.warns(DataWarning, match=r"3 of 7 leaves .*\(ALL, AML, APML\)"):
+        with pytest.raises(DataError) as info:
+            check_training_coverage(seven, labels)
+    message = str(info.value)
+    assert message.startswith("1 decision(s)") and "Acute (ALL: 0, AML: 0, APML: 0)" in message
+    assert "Malignant (" not in message  # Acute's partial labels count for Malignant's decision
+    counts = training_counts(seven, labels)
+    assert counts["Acute"] == 2 and counts["Malignant"] == 4 and counts["root"] == 6 and counts["ALL"] == 0
+
+
+def test_a_lone_child_needs_only_itself():
+    tree = Taxonomy.from_dict({"name": "lone", "root": "root", "children": [
+        {"name": "A", "children": ["a1", "a2"]}, {"name": "C", "children": ["c1"]}]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_training_coverage(tree, ["a1", "a2", "c1"]) == []
+    with pytest.warns(DataWarning), pytest.raises(DataError, match=r"C \(c1: 0\)"):
+        check_training_coverage(tree, ["a1", "a2", "C"])
+
+
+def test_unknown_training_label_is_an_error(seven):
+    with pytest.raises(DataError, match="Lymphoma"):
+        check_training_coverage(seven, ["Normal", "Reactive", "Lymphoma"])

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from hiercls.data.images import IMAGE_EXTENSIONS, is_image_file, read_regular_file
-from hiercls.errors import ConfigError, DataError
+from hiercls.errors import ConfigError, DataError, HierclsWarning
 from hiercls.taxonomy import Taxonomy
 
 __all__ = ["DataWarning", "ImageTable", "load_images", "unknown_label_counts", "write_manifest"]
@@ -197,7 +197,7 @@ def write_manifest(table: ImageTable, path: str | Path, overwrite: bool = False)
 # Folders
 
 
-class DataWarning(UserWarning):
+class DataWarning(HierclsWarning):
     """Something in the data was skipped or looks risky; training goes on."""
 
 
