@@ -42,7 +42,7 @@ needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero
 
 
 def run_isolated(args: list[str], timeout: float = HANG_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run ``python ARGS`` with this checkout first on the path, at most 2 GiB of memory, and a timeout.
+    """Run ``python ARGS`` with this checkout first on the path, at most 1 GiB of memory and a timeout.
 
     A child that blocks (on a FIFO) is killed at the timeout and the test fails; one that reads
     ``/dev/zero`` without end hits the memory limit and fails instead of exhausting the machine.
@@ -53,7 +53,7 @@ def run_isolated(args: list[str], timeout: float = HANG_TIMEOUT_S) -> subprocess
     def limit_memory() -> None:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_AS, (4 * 1024**3, 4 * 1024**3))
+        resource.setrlimit(resource.RLIMIT_AS, (1024**3, 1024**3))
 
     try:
         return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout,
