@@ -3,7 +3,8 @@ under the image cache, a training set that leaves decisions of the tree empty, a
 exit status.
 
 Calls that would block or read forever without the fix run in a subprocess with a timeout
-(and a memory limit), so a regression fails the test instead of hanging the suite.
+and a memory limit, or in a thread that is released from its FIFO after a timeout, so a
+regression fails the test instead of hanging the suite or exhausting the machine.
 """
 
 from __future__ import annotations
