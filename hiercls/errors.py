@@ -13,6 +13,10 @@ class HierclsError(Exception):
     """Base class for errors caused by user input, reported without a traceback."""
 
 
+class HierclsWarning(UserWarning):
+    """Base class of hiercls's warnings: something looks wrong, but the work goes on."""
+
+
 class TaxonomyError(HierclsError):
     """A taxonomy file or tree is invalid."""
 

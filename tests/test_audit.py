@@ -115,7 +115,7 @@ def test_audit_command_writes_clean_manifest(planted, tiny_taxonomy_file, tmp_pa
     out = planted / "clean.csv"
     args = ["audit", "--taxonomy", str(tiny_taxonomy_file), "--data", str(planted), "--no-progress",
             "--write-manifest", str(out)]
-    assert main(args) == 0
+    assert main(args) == 1  # problems found; the clean manifest is still written
     printed = capsys.readouterr().out
     assert "P5_copy.jpg" in printed and "P8_broken.jpg" in printed and "zebra" in printed
     with open(out, newline="") as handle:
@@ -126,7 +126,7 @@ def test_audit_command_writes_clean_manifest(planted, tiny_taxonomy_file, tmp_pa
     assert main(args) == 2  # never overwrite without --overwrite
     assert "already exists" in capsys.readouterr().err
     assert out.read_text() == before
-    assert main(args + ["--overwrite"]) == 0
+    assert main(args + ["--overwrite"]) == 1
 
 
 @pytest.mark.integration

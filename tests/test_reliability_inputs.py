@@ -479,15 +479,12 @@ def test_full_disk_while_writing_the_cache_is_a_named_error(tmp_path, make_image
     import errno
 
     paths = [make_image(tmp_path / f"i{k}.png", seed=k) for k in range(3)]
-    real_open = np.lib.format.open_memmap
 
-    def disk_full(filename, mode="r+", *args, **kwargs):
-        if "w" in mode:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(filename, mode, *args, **kwargs)
+    def disk_full(*args, **kwargs):  # the cache allocates its space before writing into it
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(np.lib.format, "open_memmap", disk_full)
+    monkeypatch.setattr(os, "posix_fallocate", disk_full, raising=False)
     cache_dir = tmp_path / "cache"
-    with pytest.raises(DataError, match=r"cache: cannot write the image cache \(No space left on device\).*--cache-dir"):
+    with pytest.raises(DataError, match=r"cache: not enough disk space for the image cache: .*--cache-dir"):
         ImageCache(cache_dir).load(paths, 8, progress=False)
     assert list(cache_dir.iterdir()) == []  # no partial entry left behind

@@ -31,6 +31,11 @@ def register(subparsers) -> None:
             "labels, labels unknown to the taxonomy, and image counts per node and level. "
             "--write-manifest saves a manifest without what was flagged (one copy of each duplicate kept).",
             width=88,
+        ) + "\n\n" + textwrap.fill(
+            "Exit status: 0 when nothing was found, 1 when problems were found (unreadable files, "
+            "unknown labels, exact or near duplicates, duplicates across folds, tiny images, group "
+            "problems, broken links; the manifest is still written), 2 for a usage or input error.",
+            width=88,
         ),
         example_lines=(
             "hiercls audit --taxonomy taxonomy/all-subtypes.yaml --data data/all-subtypes",
@@ -93,7 +98,18 @@ def run(args: argparse.Namespace) -> int:
         kept = report.clean_indices()
         write_manifest(table.subset(kept), out_path, overwrite=args.overwrite)
         console.print(f"wrote {len(kept)} of {len(table)} images to {out_path}")
-    return 0
+    return _exit_status(report, console)
+
+
+def _exit_status(report: AuditReport, console: Console) -> int:
+    """1 when the audit found a problem (named on the last line), 0 when the data is clean."""
+    problems = report.problems()
+    if not problems:
+        console.print("no problems found")
+        return 0
+    listed = ", ".join(f"{key}: {value}" for key, value in problems.items())
+    console.print(f"[bold red]problems found[/] ({listed}); exit status 1")
+    return 1
 
 
 def print_report(report: AuditReport, console: Console) -> None:

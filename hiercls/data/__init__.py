@@ -1,7 +1,8 @@
-"""Datasets (folders, manifests, groups), grouped splits, the decoded-image cache and the audit."""
+"""Datasets (folders, manifests, groups), grouped splits, the decoded-image cache, the audit and coverage."""
 
 from hiercls.data.audit import AuditReport, audit
 from hiercls.data.cache import ImageCache, default_cache_dir
+from hiercls.data.coverage import check_training_coverage
 from hiercls.data.dataset import DataWarning, ImageTable, load_images, write_manifest
 from hiercls.data.images import IMAGE_EXTENSIONS, open_rgb
 from hiercls.data.splits import (
@@ -18,6 +19,7 @@ __all__ = [
     "ImageCache",
     "ImageTable",
     "audit",
+    "check_training_coverage",
     "default_cache_dir",
     "group_warning",
     "grouped_kfold",

@@ -8,7 +8,8 @@
   hashes differ in at most ``near_threshold`` bits (default 4 of 64). Exact duplicates are
   not repeated here. Pairs are found with a pigeonhole index (split the hash into
   ``threshold + 1`` chunks; near pairs share at least one chunk exactly), not all pairs;
-* unreadable, truncated or empty files, and images smaller than ``min_size`` on either side;
+* unreadable, truncated or empty files, files that are not regular files (a FIFO, a link to a
+  device), float images with NaN or infinite pixels, and images smaller than ``min_size``;
 * groups with fewer than ``min_group_images`` images and groups that span several labels;
 * labels unknown to the taxonomy (load with ``unknown_labels="keep"`` so they are reported);
 * duplicate sets split across the folds of a given split (they leak);
@@ -37,11 +38,15 @@ from rich.progress import (
 )
 
 from hiercls.data.dataset import ImageTable, unknown_label_counts
-from hiercls.data.images import open_rgb_bytes
+from hiercls.data import images as _images
+from hiercls.data.images import open_rgb_bytes, read_regular_file
 from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import Taxonomy
 
 __all__ = ["DEFAULT_NEAR_THRESHOLD", "AuditReport", "ImageInfo", "audit", "inspect_image", "near_duplicate_pairs"]
+
+#: ``summary`` entries that describe the data rather than a problem in it.
+_NOT_PROBLEMS = frozenset({"images", "unlabelled images", "images kept"})
 
 #: Hamming distance (bits of 64) at or below which two perceptual hashes are near duplicates.
 DEFAULT_NEAR_THRESHOLD = 4
@@ -61,9 +66,9 @@ class ImageInfo:
 def inspect_image(path: str | Path) -> ImageInfo:
     """Hash the bytes, decode, and perceptual-hash one image; errors are returned, not raised."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return ImageInfo(None, None, 0, 0, f"cannot read file ({exc.strerror or exc})")
+        data = read_regular_file(path, _images.MAX_IMAGE_BYTES, what="image file")
+    except DataError as exc:  # missing, not a regular file (FIFO, device), too large
+        return ImageInfo(None, None, 0, 0, str(exc).removeprefix(f"{path}: "))
     digest = hashlib.sha256(data).hexdigest()
     try:
         image = open_rgb_bytes(data, name=str(path))
@@ -208,13 +213,23 @@ class AuditReport:
             "groups with several labels": len(self.mixed_groups),
             "duplicate sets with conflicting labels": len(self.conflicting_duplicates),
             "duplicate sets across folds": len(self.cross_fold_duplicates),
+            "broken links skipped": len(self.table.skipped),
             "images kept": len(self.clean_indices()),
         }
         if self.min_group_images <= 1:
             del out[f"groups under {self.min_group_images} images"]
         if not self.checked_folds:
             del out["duplicate sets across folds"]
+        if not self.table.skipped:
+            del out["broken links skipped"]
         return out
+
+    def problems(self) -> dict[str, int]:
+        """The findings of ``summary`` that are problems to fix, with a non-zero count.
+
+        Empty for a clean dataset; ``hiercls audit`` exits with status 1 when it is not.
+        """
+        return {key: value for key, value in self.summary().items() if value and key not in _NOT_PROBLEMS}
 
 
 def audit(

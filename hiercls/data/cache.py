@@ -12,17 +12,31 @@ cut off the cell that carries the label.
 
 Entries are written under a temporary name in the cache folder and renamed into place
 (``os.replace``), the metadata file last, so a killed run never leaves a half entry that
-is later read. The folder can be deleted at any time. When a file list misses, rows for
+is later read. The folder can be deleted at any time.
+
+The space of an entry is allocated on disk before any image is written into it
+(``os.posix_fallocate``, else zeros written in chunks): writing through a memory map of a
+sparse file on a full disk kills the process with SIGBUS ("Bus error"), while allocating
+first fails with ENOSPC, which becomes a ``DataError`` saying how much space is needed
+where. Temporary files of killed writers are removed by the next ``load``
+(``remove_stale_temporaries``): those written on this host by a process that no longer
+exists, and any older than ``STALE_TEMPORARY_AGE_S``. When a file list misses, rows for
 images already decoded at the same size in other entries (e.g. the whole dataset when a
 subset is asked for) are copied instead of decoded again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,10 +55,27 @@ from rich.progress import (
 from hiercls.data.images import open_rgb
 from hiercls.errors import DataError
 
-__all__ = ["MAX_LISTED_FILES", "ImageCache", "decode_resized", "default_cache_dir", "unreadable_error"]
+__all__ = [
+    "MAX_LISTED_FILES",
+    "STALE_TEMPORARY_AGE_S",
+    "ImageCache",
+    "decode_resized",
+    "default_cache_dir",
+    "remove_stale_temporaries",
+    "unreadable_error",
+]
 
 _FORMAT_VERSION = 1
 _PARALLEL_FROM = 32  # fewer images than this are decoded in the calling thread
+_ZEROS_CHUNK = 16 * 1024**2  # bytes written at a time where the file system cannot fallocate
+
+#: A cache temporary file untouched for this long (seconds) is taken as left by a killed run.
+STALE_TEMPORARY_AGE_S = 24 * 3600
+
+# Temporary names: ".<key>.<host>-<pid>.<random>.tmp.npy|json"; older versions wrote no host-pid.
+_TEMPORARY_NAME = re.compile(
+    r"^\.[0-9a-f]{32}\.(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp\.(?:npy|json)$"
+)
 
 
 def default_cache_dir() -> Path:
@@ -113,6 +144,120 @@ def _short_reason(path: Path, message: str) -> str:
     return f"{path} ({reason})"
 
 
+def _host_tag() -> str:
+    """This host's name reduced to letters and digits (it is part of temporary file names)."""
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
+
+
+def _writer_tag() -> str:
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only (POSIX; on Windows it would kill)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user's process
+        return True
+    return True
+
+
+def _is_stale_temporary(path: Path, now: float) -> bool:
+    found = _TEMPORARY_NAME.match(path.name)
+    if found is None:
+        return False
+    try:
+        age = now - path.lstat().st_mtime
+    except OSError:
+        return False
+    if age > STALE_TEMPORARY_AGE_S:
+        return True
+    # The PID test only holds for this host: another machine sharing the folder has its own PIDs.
+    same_host = found.group("host") == _host_tag() and os.name == "posix"
+    return same_host and not _process_exists(int(found.group("pid")))
+
+
+def remove_stale_temporaries(cache_dir: str | Path) -> list[Path]:
+    """Delete cache temporary files left by killed writers; return the paths removed.
+
+    A temporary file is stale when its writer ran on this host and no longer exists (its
+    PID is in the name), or when it is older than ``STALE_TEMPORARY_AGE_S`` (writers on
+    other hosts, or files from versions without a PID in the name). A run killed while
+    writing a large entry, e.g. by a full disk, otherwise keeps that disk full.
+    """
+    removed = []
+    now = time.time()
+    try:
+        candidates = [Path(entry.path) for entry in os.scandir(cache_dir) if entry.name.startswith(".")]
+    except OSError:
+        return removed
+    for path in candidates:
+        if _is_stale_temporary(path, now):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _new_array_file(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A ``uint8`` ``.npy`` file of ``shape`` whose blocks are allocated on disk, memory-mapped."""
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(
+            handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                     "shape": shape}
+        )
+        header_bytes = handle.tell()
+    _allocate(path, header_bytes, int(np.prod(shape)))
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _allocate(path: Path, offset: int, length: int) -> None:
+    """Reserve ``length`` bytes after ``offset`` on disk now: a full disk raises ENOSPC here.
+
+    Without this the file is sparse and the disk fills while images are written through the
+    memory map, which the kernel can only report with SIGBUS, killing the process.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            os.posix_fallocate(fd, offset, length)
+            return
+        except AttributeError:  # no posix_fallocate (macOS)
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        _write_zeros(fd, offset, length)
+    finally:
+        os.close(fd)
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
+    """The portable fallback of ``_allocate``: write the zeros, a chunk at a time."""
+    zeros = memoryview(bytes(min(_ZEROS_CHUNK, max(length, 1))))
+    os.lseek(fd, offset, os.SEEK_SET)
+    left = length
+    while left > 0:
+        left -= os.write(fd, zeros[: min(left, len(zeros))])
+
+
+def _no_space_error(cache_dir: Path, n_images: int, size: int, exc: OSError) -> DataError:
+    needed = n_images * size * size * 3
+    try:
+        free = f"{shutil.disk_usage(cache_dir).free / 1024**2:,.1f} MiB are free there"
+    except OSError:
+        free = "free space unknown"
+    quota = " (disk quota exceeded)" if exc.errno == errno.EDQUOT else ""
+    return DataError(
+        f"{cache_dir}: not enough disk space for the image cache{quota}: {n_images} images at {size}px need "
+        f"{needed / 1024**2:,.1f} MiB and {free}; free some space there, or point --cache-dir (or the "
+        "HIERCLS_CACHE environment variable) at a folder on a disk with room for it"
+    )
+
+
 class ImageCache:
     """A folder of decoded, resized image arrays keyed by file identity and size."""
 
@@ -150,6 +295,7 @@ class ImageCache:
         identities = _identities(abs_paths)
         key = self._key(sorted(identities), size)
         self.last_decoded = 0
+        remove_stale_temporaries(self.cache_dir)
         hit = self._open(key, size, len(abs_paths))
         if hit is not None:
             array, stored = hit
@@ -188,20 +334,29 @@ class ImageCache:
                 "set HIERCLS_CACHE to a writable folder"
             ) from None
         array_path, meta_path = self._paths(key)
-        tmp = self.cache_dir / f".{key}.{uuid.uuid4().hex}.tmp.npy"
+        writer = _writer_tag()  # in the names, so the next run can tell a killed writer's leftovers
+        tmp = self.cache_dir / f".{key}.{writer}.{uuid.uuid4().hex}.tmp.npy"
         meta_tmp = None
+        placed = False
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+            out = _new_array_file(tmp, (len(paths), size, size, 3))
             self._decode_all(paths, size, out, progress, identities)
             out.flush()
             del out
             os.replace(tmp, array_path)
+            placed = True
             meta = {"v": _FORMAT_VERSION, "size": size, "files": [list(i) for i in identities]}
-            fd, meta_tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".tmp.json")
+            fd, meta_tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.{writer}.", suffix=".tmp.json")
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(meta, handle)
             os.replace(meta_tmp, meta_path)
+            placed = False
         except OSError as exc:  # disk full, read-only or vanished folder: the images themselves are fine
+            if placed:  # an array without its metadata is never read: do not leave it taking space
+                with contextlib.suppress(OSError):
+                    array_path.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_space_error(self.cache_dir, len(paths), size, exc) from None
             raise DataError(
                 f"{self.cache_dir}: cannot write the image cache ({exc.strerror or exc}); free some space, "
                 "or point --cache-dir / HIERCLS_CACHE at a writable folder with room for it"

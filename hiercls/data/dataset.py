@@ -13,6 +13,7 @@ expression on the file name; splits keep each group on one side.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import tempfile
@@ -25,13 +26,16 @@ from typing import Literal
 
 import numpy as np
 
-from hiercls.data.images import IMAGE_EXTENSIONS, is_image_file
-from hiercls.errors import ConfigError, DataError
+from hiercls.data.images import IMAGE_EXTENSIONS, is_image_file, read_regular_file
+from hiercls.errors import ConfigError, DataError, HierclsWarning
 from hiercls.taxonomy import Taxonomy
 
 __all__ = ["DataWarning", "ImageTable", "load_images", "unknown_label_counts", "write_manifest"]
 
 _MAX_LISTED = 5  # line numbers / files quoted in one error message
+
+#: Largest manifest read, in bytes (256 MiB: over a million rows).
+MAX_MANIFEST_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -193,7 +197,7 @@ def write_manifest(table: ImageTable, path: str | Path, overwrite: bool = False)
 # Folders
 
 
-class DataWarning(UserWarning):
+class DataWarning(HierclsWarning):
     """Something in the data was skipped or looks risky; training goes on."""
 
 
@@ -243,7 +247,9 @@ def _read_folder(folder: Path, require_labels: bool):
         raise DataError(f"{root}: cannot list the folder ({exc.strerror or exc}); check its permissions") from None
     skipped: list[Path] = [p for p in entries if is_image_file(p) and _dangling(p)]
     subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-    top_images = [p for p in entries if p.is_file() and is_image_file(p)]
+    # Not ``is_file()``: an image name that is a FIFO or a link to a device is kept, so that the
+    # audit lists it and the cache refuses it by name instead of it vanishing from the data.
+    top_images = [p for p in entries if is_image_file(p) and not p.is_dir() and not _dangling(p)]
     paths: list[Path] = []
     raw_labels: list[str | None] = []
     for sub in subdirs:
@@ -278,13 +284,11 @@ def _read_folder(folder: Path, require_labels: bool):
 
 def _read_manifest(csv_path: Path, require_labels: bool):
     root = Path(os.path.abspath(csv_path.parent))
+    data = read_regular_file(csv_path, MAX_MANIFEST_BYTES, what="manifest")  # no FIFO, no endless file
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig"), newline="")))
     except UnicodeDecodeError:
         raise DataError(f"{csv_path}: not a UTF-8 text file; save the manifest as UTF-8 CSV") from None
-    except OSError as exc:
-        raise DataError(f"{csv_path}: cannot read manifest ({exc.strerror or exc})") from None
     except csv.Error as exc:
         raise DataError(f"{csv_path}: malformed CSV ({exc})") from None
     if not rows:
@@ -341,7 +345,9 @@ def _read_manifest(csv_path: Path, require_labels: bool):
         )
     if not paths:
         raise DataError(f"{csv_path}: the manifest lists no images; add one row per image under the header")
-    missing_files = [(n, p) for n, p in zip(lines, paths) if not p.is_file()]
+    # ``exists`` rather than ``is_file``: a listed FIFO or device is not "missing"; it is
+    # reported as unreadable by the audit and refused by name by the cache.
+    missing_files = [(n, p) for n, p in zip(lines, paths) if not p.exists()]
     if missing_files:
         raise DataError(
             f"{csv_path}: {len(missing_files)} listed file(s) not found ({_lines([n for n, _ in missing_files])}, "
