@@ -60,6 +60,7 @@ from hiercls.checkpoint import (
     weights_checkpoint_id,
 )
 from hiercls.config import FitConfig
+from hiercls.data.coverage import check_training_coverage
 from hiercls.errors import CheckpointError, ConfigError, DataError, HierclsError
 from hiercls.inference import (
     autocast_context,
@@ -514,6 +515,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
     configure_backends(device, config.deterministic)
     prepared = _prepare_data(config)
     taxonomy, table = prepared.taxonomy, prepared.table
+    check_training_coverage(taxonomy, [table.labels[i] for i in prepared.train_idx], config.allow_incomplete_tree)
     train_labels = table.label_indices(taxonomy)[prepared.train_idx]
     class_counts = np.bincount(train_labels, minlength=taxonomy.num_nodes).astype(np.float64)
     model = build_model(config, taxonomy, class_counts)
