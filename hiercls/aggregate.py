@@ -31,6 +31,7 @@ __all__ = [
     "aggregate_truth",
     "evaluate_groups",
     "GROUP_SCORINGS",
+    "group_column_title",
 ]
 
 # How group predictions are scored: one row per group, or every image with its group's prediction.
@@ -265,6 +266,11 @@ def evaluate_groups(
         scoring=scoring,
     )
     return metrics
+
+
+def group_column_title(group_metrics: dict) -> str:
+    """Title of the group-level column in tables: ``groups``, or ``images, group vote``."""
+    return "images, group vote" if group_metrics.get("scoring") == "images" else "groups"
 
 
 def _score_images_with_group_votes(
