@@ -244,3 +244,29 @@ def test_figure_names_apart_on_case_insensitive_file_systems_and_long_names():
     names = figure_names(["Acute", "acute", "n" * 300, "ALL"])
     assert len({n.lower() for n in names.values()}) == 4
     assert names["ALL"] == "ALL" and len(names["n" * 300]) < 80
+
+
+def test_run_split_scores_the_last_checkpoint_by_default(tmp_path, capsys):
+    """--split val: ``best`` was chosen on those images, so ``last`` is scored unless asked otherwise."""
+    from conftest import write_smears
+
+    data = write_smears(tmp_path / "data", ("Normal", "Reactive", "ALL", "CLL"), per_label=3, seed=2)
+    run = tmp_path / "run"
+    assert main(["fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(run), "--backbone",
+                 "test_resnet", "--img-size", "16", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
+                 "--group-regex", r"^(slide\d)_", "--val-fraction", "0.34", "--cache-dir", str(tmp_path / "cache"),
+                 "--no-progress"]) == 0
+    epochs = {which: json.loads((run / "checkpoints" / f"{which}.json").read_text())["epoch"] for which in ("best", "last")}
+    for extra, which in (((), "last"), (("--checkpoint", "best"), "best")):
+        out = tmp_path / f"eval-{which}"
+        assert _evaluate("--run", str(run), "--split", "val", "--out", str(out), "--no-progress", *extra) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["run"] == str(run.resolve()) and metrics["split"] == "val"
+        assert (metrics["checkpoint"], metrics["epoch"]) == (which, epochs[which])
+        assert f"**{which}** checkpoint (epoch {epochs[which]})" in (out / "report.md").read_text()
+    assert epochs["last"] == 2
+    # The run's own split is chosen, so no warning about training images.
+    assert "training split" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _evaluate("--help")
+    assert "default last with --split" in " ".join(capsys.readouterr().out.split())
