@@ -104,7 +104,8 @@ def _model_line(metrics: dict[str, Any]) -> list[str]:
     if not metrics.get("run"):
         return []
     split = f", on the run's `{metrics['split']}` images" if metrics.get("split") else ""
-    return [f"Run: `{metrics['run']}`, **{metrics.get('checkpoint')}** checkpoint (epoch {metrics.get('epoch')}){split}", ""]
+    checkpoint = f"**{metrics.get('checkpoint')}** checkpoint (epoch {metrics.get('epoch')})"
+    return [f"Run: `{metrics['run']}`, {checkpoint}{split}", ""]
 
 
 def _groups_section(groups: dict[str, Any]) -> list[str]:

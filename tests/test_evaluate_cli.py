@@ -256,7 +256,7 @@ def test_run_split_scores_the_last_checkpoint_by_default(tmp_path, capsys):
                  "test_resnet", "--img-size", "16", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
                  "--group-regex", r"^(slide\d)_", "--val-fraction", "0.34", "--cache-dir", str(tmp_path / "cache"),
                  "--no-progress"]) == 0
-    epochs = {which: json.loads((run / "checkpoints" / f"{which}.json").read_text())["epoch"] for which in ("best", "last")}
+    epochs = {w: json.loads((run / "checkpoints" / f"{w}.json").read_text())["epoch"] for w in ("best", "last")}
     for extra, which in (((), "last"), (("--checkpoint", "best"), "best")):
         out = tmp_path / f"eval-{which}"
         assert _evaluate("--run", str(run), "--split", "val", "--out", str(out), "--no-progress", *extra) == 0

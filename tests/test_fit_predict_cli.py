@@ -196,7 +196,8 @@ def test_predict_warns_about_training_images_and_matches_evaluate_accuracy(tmp_p
     preds = tmp_path / "preds.csv"
     assert main(["predict", "--run", str(run), "--data", str(manifest), "--out", str(preds), "--no-progress"]) == 0
     printed = re.search(r"labelled at a leaf: (\d\.\d{3})", " ".join(capsys.readouterr().err.split())).group(1)
-    assert main(["evaluate", "--predictions", str(preds), "--taxonomy", str(LEUKEMIA), "--out", str(tmp_path / "e1")]) == 0
+    assert main(["evaluate", "--predictions", str(preds), "--taxonomy", str(LEUKEMIA),
+                 "--out", str(tmp_path / "e1")]) == 0
     assert main(["evaluate", "--run", str(run), "--data", str(manifest), "--out", str(tmp_path / "e2"),
                  "--no-progress"]) == 0
     from_csv = json.loads((tmp_path / "e1" / "metrics.json").read_text())["accuracy"]
@@ -206,3 +207,21 @@ def test_predict_warns_about_training_images_and_matches_evaluate_accuracy(tmp_p
     assert from_csv == pytest.approx(7 / 14)
     assert any("were in the run's training split" in n for n in from_run["notes"])
     assert (from_run["checkpoint"], from_run["epoch"]) == ("best", 1) and from_run["split"] is None
+
+
+def test_run_image_warnings_from_split_json(tmp_path, monkeypatch):
+    from hiercls import inference
+
+    images = [tmp_path / f"i{k}.jpg" for k in range(5)]
+    (tmp_path / "split.json").write_text(json.dumps({"train": [str(p) for p in images[:2]], "val": [str(images[2])]}))
+    warnings = inference.run_image_warnings(tmp_path, images[1:], "best")
+    assert len(warnings) == 2 and warnings[0].startswith("1 of 4 image(s) were in the run's training split")
+    assert warnings[1].startswith("1 of 4 image(s) are the run's validation images")
+    assert inference.run_image_warnings(tmp_path, images[1:], "last") == warnings[:1]
+    assert inference.run_image_warnings(tmp_path, images[3:], "best") == []
+    # An edited, broken or oversized split.json: a one-line reason, never a traceback.
+    (tmp_path / "split.json").write_text('{"train": 3, "val": []}')
+    assert "cannot check which images" in inference.run_image_warnings(tmp_path, images, "best")[0]
+    monkeypatch.setattr(inference, "MAX_SPLIT_BYTES", 4)
+    with pytest.raises(inference.CheckpointError, match="larger than"):
+        inference.read_run_split(tmp_path)
