@@ -67,9 +67,10 @@ def figure_names(nodes: Sequence[str]) -> dict[str, str]:
     seen: dict[str, list[str]] = {}
     for node, name in names.items():
         seen.setdefault(name.lower(), []).append(node)
-    for clash in (nodes for nodes in seen.values() if len(nodes) > 1):
-        for node in clash:
-            names[node] = f"{slugs[node]}-{hashlib.sha256(node.encode('utf-8')).hexdigest()[:16]}"
+    for owners in seen.values():
+        if len(owners) > 1:
+            for node in owners:
+                names[node] = f"{slugs[node]}-{hashlib.sha256(node.encode('utf-8')).hexdigest()[:16]}"
     return names
 
 

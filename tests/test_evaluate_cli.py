@@ -244,6 +244,10 @@ def test_figure_names_apart_on_case_insensitive_file_systems_and_long_names():
     names = figure_names(["Acute", "acute", "n" * 300, "ALL"])
     assert len({n.lower() for n in names.values()}) == 4
     assert names["ALL"] == "ALL" and len(names["n" * 300]) < 80
+    # A node literally named like another node's hashed name still gets its own file.
+    hashed = figure_names(["x/y"])["x/y"]
+    clash = figure_names(["x/y", hashed])
+    assert clash["x/y"].lower() != clash[hashed].lower()
 
 
 def test_run_split_scores_the_last_checkpoint_by_default(tmp_path, capsys):
