@@ -29,7 +29,13 @@ __all__ = [
     "group_rows",
     "GroupTruth",
     "aggregate_truth",
+    "evaluate_groups",
+    "GROUP_SCORINGS",
+    "group_column_title",
 ]
+
+# How group predictions are scored: one row per group, or every image with its group's prediction.
+GROUP_SCORINGS = ("groups", "images")
 
 AggregateResult = tuple[list[str], list[str], NodeProbabilities | None]
 
@@ -213,36 +219,79 @@ def evaluate_groups(
     probs: NodeProbabilities | None,
     aggregator: GroupAggregator,
     aggregator_name: str = "",
+    scoring: str = "groups",
 ) -> dict:
     """One prediction per group (slide, patient) by ``aggregator``, scored like images are.
 
-    Images without a group are left out (with a note); a group's truth is its images' label,
-    or the most frequent one when they disagree (counted as mixed groups).
+    ``scoring="groups"`` scores one row per group, its truth being its images' label (or the
+    most frequent one when they disagree: counted as mixed groups). ``scoring="images"`` gives
+    every image its group's prediction (and mean probabilities, when the aggregator returns
+    them) and scores the images against their own labels: the per-slide vote counted in
+    images, as Hamdi et al. report it. Images without a group are left out (with a note).
     """
     from hiercls.metrics import evaluate_predictions
 
+    if scoring not in GROUP_SCORINGS:
+        raise ConfigError(f"unknown group scoring '{scoring}'; choose one of {', '.join(GROUP_SCORINGS)}")
     keep = [i for i, g in enumerate(groups) if g is not None]
     notes = [f"{len(groups) - len(keep)} image(s) without a group left out"] if len(keep) < len(groups) else []
     if not keep:
         raise DataError("no image has a group; group metrics need a group per image")
     kept_groups = [groups[i] for i in keep]
+    kept_truth = [true_nodes[i] for i in keep]
     kept_probs = probs[np.asarray(keep, dtype=np.int64)] if probs is not None else None
     group_ids, group_preds, group_probs = aggregator.aggregate(
         taxonomy, kept_groups, [pred_nodes[i] for i in keep], kept_probs
     )
-    truth = aggregate_truth(kept_groups, [true_nodes[i] for i in keep])
+    truth = aggregate_truth(kept_groups, kept_truth)
     if all(t is None for t in truth.true_nodes):
         raise DataError("no group has a labelled image; group metrics need labels")
-    metrics = evaluate_predictions(taxonomy, truth.true_nodes, group_preds, group_probs)
-    metrics["notes"] = notes + [n.replace("row(s)", "group(s)") for n in metrics["notes"]]
+    if scoring == "images":
+        metrics = _score_images_with_group_votes(taxonomy, kept_groups, kept_truth, group_ids, group_preds, group_probs)
+        unit = "image(s)"
+    else:
+        metrics = evaluate_predictions(taxonomy, truth.true_nodes, group_preds, group_probs)
+        unit = "group(s)"
+    metrics["notes"] = notes + [n.replace("row(s)", unit) for n in metrics["notes"]]
     if truth.n_mixed:
         metrics["notes"].append(
-            f"{truth.n_mixed} group(s) hold images with different labels; their label is the most frequent one"
+            f"{truth.n_mixed} group(s) hold images with different labels; "
+            + ("each image keeps its own label" if scoring == "images" else "their label is the most frequent one")
         )
     metrics.update(
         n_groups=len(group_ids),
         n_mixed_groups=truth.n_mixed,
         mixed_groups=truth.mixed_groups,
         aggregator=aggregator_name or type(aggregator).__name__,
+        scoring=scoring,
     )
     return metrics
+
+
+def group_column_title(group_metrics: dict) -> str:
+    """Title of the group-level column in tables: ``groups``, or ``images, group vote``."""
+    return "images, group vote" if group_metrics.get("scoring") == "images" else "groups"
+
+
+def _score_images_with_group_votes(
+    taxonomy: Taxonomy,
+    groups: Sequence[str],
+    true_nodes: Sequence[str | None],
+    group_ids: list[str],
+    group_preds: list[str],
+    group_probs: NodeProbabilities | None,
+) -> dict:
+    """Every image scored with its group's prediction (and probabilities) against its own label."""
+    from hiercls.metrics import evaluate_predictions
+
+    position = {str(g): k for k, g in enumerate(group_ids)}
+    missing = sorted({str(g) for g in groups} - set(position))
+    if missing:
+        raise ConfigError(
+            f"the aggregator returned no prediction for group(s) {', '.join(missing[:3])}; "
+            "an aggregator must return every group id it is given"
+        )
+    rows = np.asarray([position[str(g)] for g in groups], dtype=np.int64)
+    image_preds = [group_preds[k] for k in rows]
+    image_probs = group_probs[rows] if group_probs is not None else None
+    return evaluate_predictions(taxonomy, true_nodes, image_preds, image_probs)

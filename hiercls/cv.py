@@ -94,6 +94,7 @@ class CVConfig(BaseModel):
     )
     backbones: list[str] = Field(default_factory=lambda: ["resnet18"], min_length=1)
     aggregator: str = "mode"
+    group_scoring: Literal["groups", "images"] = "groups"
     group_by_available: bool | Literal["auto"] = "auto"
     fit: dict[str, Any] = Field(default_factory=dict)
     # Table 4's rows: row name -> node(s) pooled into one class (the paper's "AML+APML");
@@ -281,7 +282,9 @@ class CVConfig(BaseModel):
         data = self.model_dump(mode="json")
         fit = {k: v for k, v in data["fit"].items() if k not in _RESTART_FREE}
         return {k: data[k] for k in ("taxonomy", "data", "folds", "seed", "group_regex", "exclude", "aggregator",
-                                     "group_by_available")} | {"fit": fit}
+                                     "group_by_available")} | {"fit": fit} | (
+            # only when set, so an OUT folder written before the option existed still continues
+            {"group_scoring": self.group_scoring} if self.group_scoring != "groups" else {})
 
 
 def safe_name(name: str) -> str:
@@ -706,7 +709,8 @@ def _group_metrics(config: CVConfig, taxonomy, groups, labels, predictions, prob
     if all(g is None for g in groups):
         return {"n_groups": 0, "notes": ["no held-out image has a group"]}
     return evaluate_groups(
-        taxonomy, groups, labels, predictions, probs, get_aggregator(config.aggregator), config.aggregator
+        taxonomy, groups, labels, predictions, probs, get_aggregator(config.aggregator), config.aggregator,
+        scoring=config.group_scoring,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,12 @@ __all__ = [
     "normalization_stats",
     "use_channels_last",
     "build_model",
+    "read_run_split",
+    "run_image_warnings",
 ]
+
+# split.json lists two paths per image; a bigger file is not one hiercls wrote.
+MAX_SPLIT_BYTES = 512 * 1024 * 1024
 
 
 # -- device helpers shared with the training loop ------------------------------------------
@@ -350,3 +355,48 @@ def predict_table(
 def decode(probs: NodeProbabilities, config: FitConfig) -> list[str]:
     """Predicted node per image with the run's decoding rule (greedy / best_leaf / threshold)."""
     return probs.decode(config.decode, threshold=config.threshold)
+
+
+# -- the run's own images -----------------------------------------------------------------
+
+
+def read_run_split(run_dir: str | Path) -> dict[str, set[str]]:
+    """The resolved image paths of the run's ``train`` and ``val`` splits (RUN/split.json)."""
+    import json
+
+    split_file = RunPaths(Path(run_dir)).split
+    try:
+        if split_file.stat().st_size > MAX_SPLIT_BYTES:
+            raise CheckpointError(f"{split_file}: larger than {MAX_SPLIT_BYTES >> 20} MiB; not a split hiercls wrote")
+        data = json.loads(split_file.read_text(encoding="utf-8"))
+        split = {name: {str(Path(p).resolve()) for p in data[name]} for name in ("train", "val")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{split_file}: cannot read the run's train / val split ({exc})") from None
+    return split
+
+
+def run_image_warnings(run_dir: str | Path, paths: Sequence[object], checkpoint: str) -> list[str]:
+    """Warnings for images the run has seen: trained on, or (with the best checkpoint) chose it on.
+
+    A prediction on such an image is optimistic. Returns an empty list when none are, and one
+    line saying the check was skipped when the run has no readable ``split.json``.
+    """
+    try:
+        split = read_run_split(run_dir)
+    except CheckpointError as exc:
+        return [f"cannot check which images the run trained on: {exc}"]
+    resolved = [str(Path(str(p)).resolve()) for p in paths]
+    n_train = sum(p in split["train"] for p in resolved)
+    n_val = sum(p in split["val"] for p in resolved)
+    warnings = []
+    if n_train:
+        warnings.append(
+            f"{n_train} of {len(resolved)} image(s) were in the run's training split "
+            f"({RunPaths(Path(run_dir)).split}); their predictions and scores are optimistic"
+        )
+    if n_val and checkpoint == "best":
+        warnings.append(
+            f"{n_val} of {len(resolved)} image(s) are the run's validation images, on which the best "
+            "checkpoint was chosen; their scores are optimistic (--checkpoint last avoids that)"
+        )
+    return warnings

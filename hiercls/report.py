@@ -8,6 +8,7 @@ left out. One confusion matrix is drawn for the leaves and one per internal node
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections.abc import Sequence
@@ -19,11 +20,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hiercls.aggregate import group_column_title  # noqa: E402
 from hiercls.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from hiercls.metrics import ConfusionMatrix, confusion_matrices, cut_classes, leaf_confusion_matrix  # noqa: E402
 from hiercls.taxonomy import Taxonomy  # noqa: E402
 
-__all__ = ["write_report", "plot_confusion_matrix", "render_markdown"]
+__all__ = ["write_report", "plot_confusion_matrix", "render_markdown", "figure_names"]
+
+# A slug longer than this is cut (and gets a hash): file names stay far below the usual 255-byte limit.
+MAX_SLUG = 60
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -35,7 +40,38 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "node"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")[:MAX_SLUG] or "node"
+
+
+def _short_hash(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+
+
+def figure_names(nodes: Sequence[str]) -> dict[str, str]:
+    """A unique, ASCII-safe file-name part for every node name.
+
+    The slug keeps letters, digits, ``_``, ``.`` and ``-``. When that loses something (``α``,
+    ``x/y``, ``x y``) or two nodes share a slug (compared case-insensitively, as macOS and
+    Windows file systems do), a short hash of the full name is appended, so ``x/y`` and ``x y``
+    stay apart. Names already safe and unique keep their plain slug (``confusion_at_Acute.png``).
+    """
+    slugs = {node: _slug(node) for node in nodes}
+    taken: dict[str, int] = {}
+    for slug in slugs.values():
+        taken[slug.lower()] = taken.get(slug.lower(), 0) + 1
+    names = {
+        node: slug if slug == node and taken[slug.lower()] == 1 else f"{slug}-{_short_hash(node)}"
+        for node, slug in slugs.items()
+    }
+    # A plain slug could still equal another node's "slug-hash" (a node literally named so): hash both.
+    seen: dict[str, list[str]] = {}
+    for node, name in names.items():
+        seen.setdefault(name.lower(), []).append(node)
+    for owners in seen.values():
+        if len(owners) > 1:
+            for node in owners:
+                names[node] = f"{slugs[node]}-{hashlib.sha256(node.encode('utf-8')).hexdigest()[:16]}"
+    return names
 
 
 def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:
@@ -64,6 +100,23 @@ def _headline(metrics: dict[str, Any]) -> list[Sequence[Any]]:
     ]
 
 
+def _model_line(metrics: dict[str, Any]) -> list[str]:
+    """Which run and checkpoint made the predictions (when evaluated from a run)."""
+    if not metrics.get("run"):
+        return []
+    split = f", on the run's `{metrics['split']}` images" if metrics.get("split") else ""
+    checkpoint = f"**{metrics.get('checkpoint')}** checkpoint (epoch {metrics.get('epoch')})"
+    return [f"Run: `{metrics['run']}`, {checkpoint}{split}", ""]
+
+
+def _groups_section(groups: dict[str, Any]) -> list[str]:
+    scored = ("every image scored with its group's prediction" if groups.get("scoring") == "images"
+              else "one row per group scored")
+    return ["## Groups", "",
+            f"{groups.get('n_groups')} groups, aggregated with `{groups.get('aggregator')}`, {scored}; "
+            f"{groups.get('n_mixed_groups', 0)} group(s) hold images with different labels.", ""]
+
+
 def render_markdown(
     metrics: dict[str, Any],
     taxonomy: Taxonomy,
@@ -73,16 +126,17 @@ def render_markdown(
 ) -> str:
     """The report's markdown text for a ``metrics`` dict of ``evaluate_predictions`` (+ ``groups``)."""
     lines = [f"# {title}", "", f"Taxonomy: `{taxonomy.name}` ({taxonomy.num_nodes} nodes, "
-             f"{len(taxonomy.leaves)} leaves, depth {taxonomy.max_depth})", ""]
+             f"{len(taxonomy.leaves)} leaves, depth {taxonomy.max_depth})", ""] + _model_line(metrics)
     groups = metrics.get("groups")
-    header = ["metric", "images"] + (["groups"] if groups else [])
+    header = ["metric", "images"] + ([group_column_title(groups)] if groups else [])
+    group_accuracy = "group accuracy" if not groups or header[-1] == "groups" else f"accuracy ({header[-1]})"
     image_rows = _headline(metrics)
     group_rows = _headline(groups) if groups else None
     rows = [
         (name, value, group_rows[k][1]) if group_rows else (name, value)
         for k, (name, value) in enumerate(image_rows)
     ]
-    if groups:
+    if groups and groups.get("scoring") != "images":
         rows[0] = ("images / groups", metrics.get("n_images"), groups.get("n_groups"))
     lines += ["## Headline metrics", ""] + _table(header, rows)
 
@@ -96,7 +150,7 @@ def render_markdown(
         lines += ["## Accuracy at each depth", "",
                   "The tree cut at depth d: each node counts as its ancestor at that depth (a leaf above it "
                   "as itself), the classes a flat classifier of that granularity would have.", ""]
-        lines += _table(["depth", "classes", "accuracy"] + (["group accuracy"] if groups else []), depth_rows)
+        lines += _table(["depth", "classes", "accuracy"] + ([group_accuracy] if groups else []), depth_rows)
 
     lines += ["## Per-level accuracy", "", "Accuracy of each decision among the images labelled below it.", ""]
     level_rows = []
@@ -105,7 +159,7 @@ def render_markdown(
         if groups:
             row.append((groups.get("per_level_accuracy") or {}).get(node))
         level_rows.append(row)
-    lines += _table(["decision", "images", "accuracy"] + (["group accuracy"] if groups else []), level_rows)
+    lines += _table(["decision", "images", "accuracy"] + ([group_accuracy] if groups else []), level_rows)
 
     lines += ["## Per-class precision, recall, F1", "",
               "An image belongs to a node when its label lies at or under it.", ""]
@@ -128,9 +182,7 @@ def render_markdown(
         lines += _table(["depth", "ECE"], list(ece["per_depth"].items()))
 
     if groups:
-        lines += ["## Groups", "",
-                  f"{groups.get('n_groups')} groups, aggregated with `{groups.get('aggregator')}`; "
-                  f"{groups.get('n_mixed_groups', 0)} group(s) hold images with different labels.", ""]
+        lines += _groups_section(groups)
 
     if figures:
         lines += ["## Confusion matrices", ""] + [f"![{Path(f).stem}]({f})" for f in figures] + [""]
@@ -188,11 +240,12 @@ def write_report(
         atomic_write_bytes(out_dir / "confusion_leaves.png", plot_confusion_matrix(leaf_cm, "leaves"))
         figures.append("confusion_leaves.png")
     decision_counts = {}
+    file_parts = figure_names(taxonomy.internal_nodes)
     for node, cm in confusion_matrices(taxonomy, true_nodes, pred_nodes).items():
         decision_counts[node] = int(cm.matrix.sum()) + cm.n_outside
         if not decision_counts[node]:
             continue
-        name = f"confusion_at_{_slug(node)}.png"
+        name = f"confusion_at_{file_parts[node]}.png"
         atomic_write_bytes(out_dir / name, plot_confusion_matrix(cm, _decision_name(taxonomy, node)))
         figures.append(name)
     text = render_markdown(metrics, taxonomy, title, figures, decision_counts)

@@ -13,6 +13,7 @@ from hiercls.aggregate import (
     MeanAggregator,
     ModeAggregator,
     aggregate_truth,
+    evaluate_groups,
     get_aggregator,
     register_aggregator,
 )
@@ -120,3 +121,39 @@ def test_aggregate_truth_agreeing_mixed_and_unlabelled():
     # s4 is a tie (AML, ALL): the label seen first wins.
     assert truth.true_nodes == ["ALL", "CML", None, "AML"]
     assert truth.mixed_groups == ["s2", "s4"] and truth.n_mixed == 2
+
+
+# The paper's per-fold count: g1 = 4 images labelled ALL voted ALL, g2 = 2 images labelled CLL voted CML.
+VOTE_GROUPS = ["g1", "g1", "g1", "g1", "g2", "g2"]
+VOTE_LABELS = ["ALL", "ALL", "ALL", "ALL", "CLL", "CLL"]
+VOTE_PREDS = ["ALL", "ALL", "AML", "ALL", "CML", "CML"]
+
+
+def test_vote_then_score_images_counts_images(tax):
+    mode = get_aggregator("mode")
+    images = evaluate_groups(tax, VOTE_GROUPS, VOTE_LABELS, VOTE_PREDS, None, mode, "mode", scoring="images")
+    groups = evaluate_groups(tax, VOTE_GROUPS, VOTE_LABELS, VOTE_PREDS, None, mode, "mode", scoring="groups")
+    assert images["accuracy"] == pytest.approx(4 / 6) and images["n_images"] == 6
+    assert groups["accuracy"] == pytest.approx(1 / 2) and groups["n_images"] == 2
+    assert images["n_groups"] == groups["n_groups"] == 2
+    assert (images["scoring"], groups["scoring"]) == ("images", "groups")
+    # The vote changed the AML image of g1 to ALL: plain image scoring would say 3 / 6.
+    assert images["per_class"]["ALL"]["support"] == 4 and images["per_class"]["AML"]["precision"] is None
+
+
+def test_vote_then_score_images_spreads_group_probabilities(tax):
+    rows = [{"ALL": 0.9, "AML": 0.1}] * 3 + [{"AML": 0.8, "ALL": 0.2}] + [{"CML": 0.7, "CLL": 0.3}] * 2
+    probs = _leaf_probs(tax, rows)
+    groups = ["g1", "g1", "g1", "g1", "g2", "g2"]
+    labels = ["ALL", "ALL", "ALL", "AML", "CLL", None]
+    mean = MeanAggregator()
+    metrics = evaluate_groups(tax, groups, labels, probs.decode(), probs, mean, "mean", scoring="images")
+    # 5 labelled images, each with its group's decoded mean: g1 -> ALL (3 of 4 right), g2 -> CML (0 of 1).
+    assert metrics["n_images"] == 5 and metrics["accuracy"] == pytest.approx(3 / 5)
+    assert any("1 image(s) without a label" in n for n in metrics["notes"])
+    assert metrics["auroc"] is not None and metrics["n_mixed_groups"] == 1
+
+
+def test_group_scoring_name_is_checked(tax):
+    with pytest.raises(ConfigError, match="group scoring 'slides'"):
+        evaluate_groups(tax, VOTE_GROUPS, VOTE_LABELS, VOTE_PREDS, None, ModeAggregator(), scoring="slides")

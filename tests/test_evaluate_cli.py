@@ -161,3 +161,116 @@ def test_evaluate_a_trained_run(tmp_path):
     assert metrics["auroc"] is not None
     header = (out / "predictions.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["path", "label", "group", "prediction"] and "p:ALL" in header
+
+
+# -- vote, then score images ------------------------------------------------------------------
+
+
+def _vote_csv(tmp_path: Path) -> Path:
+    """g1 = 4 images labelled ALL voted ALL (one of them predicted AML), g2 = 2 images labelled CLL voted CML."""
+    path = tmp_path / "vote.csv"
+    write_predictions_csv(path, None, [f"i{k}.jpg" for k in range(6)], ["ALL"] * 4 + ["CLL"] * 2,
+                          ["g1"] * 4 + ["g2"] * 2, ["ALL", "ALL", "AML", "ALL", "CML", "CML"])
+    return path
+
+
+def test_group_scoring_images_counts_voted_images(tmp_path, capsys):
+    path = _vote_csv(tmp_path)
+    base = ["--predictions", str(path), "--taxonomy", str(LEUKEMIA), "--group-by", "group"]
+    assert _evaluate(*base, "--out", str(tmp_path / "groups")) == 0
+    assert _evaluate(*base, "--out", str(tmp_path / "images"), "--group-scoring", "images") == 0
+    by_group = json.loads((tmp_path / "groups" / "metrics.json").read_text())
+    by_image = json.loads((tmp_path / "images" / "metrics.json").read_text())
+    assert by_image["accuracy"] == pytest.approx(3 / 6)  # the images' own predictions
+    assert by_image["groups"]["accuracy"] == pytest.approx(4 / 6) and by_image["groups"]["n_images"] == 6
+    assert by_group["groups"]["accuracy"] == pytest.approx(1 / 2) and by_group["groups"]["n_images"] == 2
+    assert (by_group["groups"]["scoring"], by_image["groups"]["scoring"]) == ("groups", "images")
+    assert "images, group vote" in capsys.readouterr().out
+    report = (tmp_path / "images" / "report.md").read_text()
+    assert "| metric | images | images, group vote |" in report
+    assert "every image scored with its group's prediction" in report
+
+
+def test_group_scoring_needs_group_by(tmp_path, capsys):
+    path = _vote_csv(tmp_path)
+    assert _evaluate("--predictions", str(path), "--taxonomy", str(LEUKEMIA), "--out", str(tmp_path / "e"),
+                     "--group-scoring", "images") == 2
+    assert "--group-scoring goes with --group-by" in capsys.readouterr().err
+
+
+# -- figure names -----------------------------------------------------------------------------
+
+ODD_TREE = """
+name: odd
+root: root
+children:
+  - name: α
+    children:
+      - name: x/y
+        children: [{name: a}, {name: b}]
+      - name: x y
+        children: [{name: c}, {name: d}]
+  - name: β
+    children: [{name: e}, {name: f}]
+"""
+
+
+def test_figure_names_are_unique_and_safe_for_any_node_name(tmp_path):
+    from hiercls.report import figure_names
+
+    tax_file = tmp_path / "odd.yaml"
+    tax_file.write_text(ODD_TREE, encoding="utf-8")
+    odd = load_taxonomy(tax_file)
+    labels = ["a", "b", "c", "d", "e", "f"] * 2
+    preds = ["a", "b", "d", "c", "e", "e", "b", "a", "c", "d", "f", "e"]
+    path = tmp_path / "odd.csv"
+    write_predictions_csv(path, None, [f"i{k}.jpg" for k in range(len(labels))], labels, None, preds)
+    out = tmp_path / "eval"
+    assert _evaluate("--predictions", str(path), "--taxonomy", str(tax_file), "--out", str(out)) == 0
+    decisions = sorted(p.name for p in out.glob("confusion_at_*.png"))
+    assert len(decisions) == len(odd.internal_nodes) == 5
+    assert all(name.isascii() and "/" not in name and " " not in name for name in decisions)
+    report = (out / "report.md").read_text()
+    assert all(f"({name})" in report for name in decisions)
+    # Stable (a hash of the name, not of the order) and plain where the name is already safe.
+    names = figure_names(odd.internal_nodes)
+    assert names == figure_names(list(reversed(odd.internal_nodes)))
+    assert names["root"] == "root" and names["x/y"] != names["x y"]
+
+
+def test_figure_names_apart_on_case_insensitive_file_systems_and_long_names():
+    from hiercls.report import figure_names
+
+    names = figure_names(["Acute", "acute", "n" * 300, "ALL"])
+    assert len({n.lower() for n in names.values()}) == 4
+    assert names["ALL"] == "ALL" and len(names["n" * 300]) < 80
+    # A node literally named like another node's hashed name still gets its own file.
+    hashed = figure_names(["x/y"])["x/y"]
+    clash = figure_names(["x/y", hashed])
+    assert clash["x/y"].lower() != clash[hashed].lower()
+
+
+def test_run_split_scores_the_last_checkpoint_by_default(tmp_path, capsys):
+    """--split val: ``best`` was chosen on those images, so ``last`` is scored unless asked otherwise."""
+    from conftest import write_smears
+
+    data = write_smears(tmp_path / "data", ("Normal", "Reactive", "ALL", "CLL"), per_label=3, seed=2)
+    run = tmp_path / "run"
+    assert main(["fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(run), "--backbone",
+                 "test_resnet", "--img-size", "16", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
+                 "--group-regex", r"^(slide\d)_", "--val-fraction", "0.34", "--cache-dir", str(tmp_path / "cache"),
+                 "--no-progress"]) == 0
+    epochs = {w: json.loads((run / "checkpoints" / f"{w}.json").read_text())["epoch"] for w in ("best", "last")}
+    for extra, which in (((), "last"), (("--checkpoint", "best"), "best")):
+        out = tmp_path / f"eval-{which}"
+        assert _evaluate("--run", str(run), "--split", "val", "--out", str(out), "--no-progress", *extra) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["run"] == str(run.resolve()) and metrics["split"] == "val"
+        assert (metrics["checkpoint"], metrics["epoch"]) == (which, epochs[which])
+        assert f"**{which}** checkpoint (epoch {epochs[which]})" in (out / "report.md").read_text()
+    assert epochs["last"] == 2
+    # The run's own split is chosen, so no warning about training images.
+    assert "training split" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _evaluate("--help")
+    assert "default last with --split" in " ".join(capsys.readouterr().out.split())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -145,3 +146,82 @@ def test_fit_user_mistakes_exit_2(smears, tmp_path, capsys):
     assert main(["fit", "--config", str(config), "--data", str(smears), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "epochz" in err and str(config) in err.replace("\n", "")
+
+
+def test_predict_accuracy_leaves_partial_labels_out_like_evaluate():
+    from hiercls.cli.predict import accuracy_summary
+    from hiercls.metrics import evaluate_predictions
+
+    taxonomy = load_taxonomy(LEUKEMIA)
+    labels, preds = ["ALL", "ALL", "Acute", None], ["ALL", "AML", "Acute", "CML"]
+    summary = accuracy_summary(taxonomy, labels, preds)
+    expected = evaluate_predictions(taxonomy, labels, preds)["accuracy"]
+    assert expected == 0.5 and summary.startswith("exact-match accuracy on 2 images labelled at a leaf: 0.500")
+    assert "1 partial label(s) left out" in summary
+    assert accuracy_summary(taxonomy, [None], ["ALL"]) is None
+    assert accuracy_summary(taxonomy, ["Acute"], ["ALL"]).startswith("no image labelled at a leaf")
+
+
+def _relabel(rows: list[dict[str, str]], taxonomy) -> list[tuple[str, str]]:
+    """(path, label) per row, labels chosen from the predictions: right leaves, wrong leaves, partial labels."""
+    out = []
+    for k, row in enumerate(rows):
+        pred = row["prediction"]
+        if k % 3 == 0:
+            label = pred  # right
+        elif k % 3 == 1:
+            label = next(leaf for leaf in taxonomy.leaves if leaf != pred)  # wrong
+        else:
+            label = "Acute" if pred != "Acute" else "Chronic"  # a partial label (an internal node)
+        out.append((row["path"], label))
+    return out
+
+
+def test_predict_warns_about_training_images_and_matches_evaluate_accuracy(tmp_path, capsys):
+    data = write_smears(tmp_path / "data", LABELS[:-1], per_label=3, seed=4)
+    run = tmp_path / "run"
+    assert main(fit_args(data, run)) == 0
+    n_train = len(json.loads((run / "split.json").read_text())["train"])
+    capsys.readouterr()
+    probe = tmp_path / "probe.csv"
+    assert main(["predict", "--run", str(run), "--data", str(data), "--out", str(probe), "--no-progress"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{n_train} of 21 image(s) were in the run's training split" in err
+    assert "validation images, on which the best checkpoint was chosen" in err
+
+    # A manifest with partial labels, made from the predictions so some leaf labels are right.
+    taxonomy = load_taxonomy(LEUKEMIA)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in _relabel(read_csv(probe)[1], taxonomy)))
+    preds = tmp_path / "preds.csv"
+    assert main(["predict", "--run", str(run), "--data", str(manifest), "--out", str(preds), "--no-progress"]) == 0
+    printed = re.search(r"labelled at a leaf: (\d\.\d{3})", " ".join(capsys.readouterr().err.split())).group(1)
+    assert main(["evaluate", "--predictions", str(preds), "--taxonomy", str(LEUKEMIA),
+                 "--out", str(tmp_path / "e1")]) == 0
+    assert main(["evaluate", "--run", str(run), "--data", str(manifest), "--out", str(tmp_path / "e2"),
+                 "--no-progress"]) == 0
+    from_csv = json.loads((tmp_path / "e1" / "metrics.json").read_text())["accuracy"]
+    from_run = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert printed == f"{from_csv:.3f}" == f"{from_run['accuracy']:.3f}"
+    # 21 rows: 7 right, 7 wrong leaves, 7 partial labels left out (counting them would give 7 / 21).
+    assert from_csv == pytest.approx(7 / 14)
+    assert any("were in the run's training split" in n for n in from_run["notes"])
+    assert (from_run["checkpoint"], from_run["epoch"]) == ("best", 1) and from_run["split"] is None
+
+
+def test_run_image_warnings_from_split_json(tmp_path, monkeypatch):
+    from hiercls import inference
+
+    images = [tmp_path / f"i{k}.jpg" for k in range(5)]
+    (tmp_path / "split.json").write_text(json.dumps({"train": [str(p) for p in images[:2]], "val": [str(images[2])]}))
+    warnings = inference.run_image_warnings(tmp_path, images[1:], "best")
+    assert len(warnings) == 2 and warnings[0].startswith("1 of 4 image(s) were in the run's training split")
+    assert warnings[1].startswith("1 of 4 image(s) are the run's validation images")
+    assert inference.run_image_warnings(tmp_path, images[1:], "last") == warnings[:1]
+    assert inference.run_image_warnings(tmp_path, images[3:], "best") == []
+    # An edited, broken or oversized split.json: a one-line reason, never a traceback.
+    (tmp_path / "split.json").write_text('{"train": 3, "val": []}')
+    assert "cannot check which images" in inference.run_image_warnings(tmp_path, images, "best")[0]
+    monkeypatch.setattr(inference, "MAX_SPLIT_BYTES", 4)
+    with pytest.raises(inference.CheckpointError, match="larger than"):
+        inference.read_run_split(tmp_path)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from hiercls.aggregate import AGGREGATORS, get_aggregator
+from hiercls.aggregate import AGGREGATORS, GROUP_SCORINGS, get_aggregator, group_column_title
 from hiercls.cli import add_command
 from hiercls.errors import ConfigError, DataError
 from hiercls.io import json_ready
@@ -46,6 +46,7 @@ def register(subparsers) -> None:
             "hiercls evaluate --predictions preds.csv --taxonomy T.yaml --out eval/ --decode threshold --threshold 0.7",
             "hiercls evaluate --run runs/joint --data test_manifest.csv --out runs/joint/eval --group-by group",
             "hiercls evaluate --run runs/joint --split val --out runs/joint/eval-val   # the run's own validation images",
+            "hiercls evaluate --predictions preds.csv --taxonomy T.yaml --out eval/ --group-by group --group-scoring images",
         ),
     )
     source = parser.add_argument_group("what to evaluate (give --predictions or --run)")
@@ -59,7 +60,9 @@ def register(subparsers) -> None:
         "--data defaults to the run's data",
     )
     source.add_argument(
-        "--checkpoint", choices=("best", "last"), default="best", help="checkpoint of --run (default best)"
+        "--checkpoint", choices=("best", "last"), default=None,
+        help="checkpoint of --run; default last with --split (best was chosen on the run's validation "
+        "images, so its score there is optimistic), best with --data",
     )
     source.add_argument("--group-regex", metavar="REGEX", help="with --run: group of each image from its file name")
     source.add_argument("--batch-size", type=int, metavar="N", help="with --run: batch size for prediction")
@@ -70,6 +73,11 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--aggregator", default="mode", metavar="NAME",
         help=f"how a group's images make one prediction: {', '.join(AGGREGATORS)} (default: mode)",
+    )
+    parser.add_argument(
+        "--group-scoring", choices=GROUP_SCORINGS, default=None,
+        help="with --group-by: score one row per group (groups, the default), or every image with its "
+        "group's prediction (images: the per-slide vote counted in images)",
     )
     parser.add_argument(
         "--decode", choices=DECODE_METHODS,
@@ -103,6 +111,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--data and --group-regex go with --run; a predictions CSV names its images and groups")
     if not 0.0 <= args.threshold <= 1.0:
         raise ConfigError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    if args.group_scoring and not args.group_by:
+        raise ConfigError("--group-scoring goes with --group-by: it says how the groups' predictions are scored")
+
+
+def _checkpoint(args: argparse.Namespace) -> str:
+    """``last`` on the run's own split: ``best`` was chosen on the val images, its score there is optimistic."""
+    return args.checkpoint or ("last" if args.split else "best")
 
 
 def _output_dir(args: argparse.Namespace) -> Path:
@@ -118,12 +133,14 @@ def _output_dir(args: argparse.Namespace) -> Path:
     return out
 
 
-def _predict_with_run(args: argparse.Namespace, out: Path) -> tuple[Taxonomy, PredictionSet]:
+def _predict_with_run(args: argparse.Namespace, out: Path) -> tuple[Taxonomy, PredictionSet, dict[str, Any]]:
+    """Predict with the run; also returns what metrics.json records of it (run, checkpoint, epoch, notes)."""
     from hiercls.data import load_images
-    from hiercls.inference import decode, load_run, predict_table
+    from hiercls.inference import decode, load_run, predict_table, run_image_warnings
     from hiercls.predictions import PredictionSet, write_predictions_csv
 
-    loaded = load_run(args.run, which=args.checkpoint)
+    checkpoint = _checkpoint(args)
+    loaded = load_run(args.run, which=checkpoint)
     taxonomy = loaded.taxonomy
     if args.taxonomy:
         given = load_taxonomy(args.taxonomy)
@@ -134,8 +151,13 @@ def _predict_with_run(args: argparse.Namespace, out: Path) -> tuple[Taxonomy, Pr
     data = args.data or loaded.config.data
     group_regex = args.group_regex or (loaded.config.group_regex if not args.data else None)
     table = load_images(data, taxonomy, group_regex=group_regex, require_labels=False)
+    warnings: list[str] = []
     if args.split:
         table = _split_subset(table, Path(args.run), args.split)
+    else:
+        warnings = run_image_warnings(args.run, table.paths, checkpoint)
+    for line in warnings:
+        Console(stderr=True).print(f"[yellow]warning:[/] {line}", highlight=False)
     if args.group_by == "group" and not any(table.groups):
         raise DataError(
             f"--group-by group: no image of {args.data} has a group; give --group-regex or a manifest "
@@ -149,21 +171,17 @@ def _predict_with_run(args: argparse.Namespace, out: Path) -> tuple[Taxonomy, Pr
     paths = [str(p) for p in table.paths]
     labels, groups = list(table.labels), list(table.groups)
     csv_path = write_predictions_csv(out / "predictions.csv", probs, paths, labels, groups, predictions)
-    console.print(f"wrote {csv_path}")
-    return taxonomy, PredictionSet(paths, labels, groups, predictions, probs, source=str(data))
+    console.print(f"wrote {csv_path} (the {checkpoint} checkpoint, epoch {loaded.metadata.get('epoch')})")
+    source = {"run": str(loaded.run_dir), "checkpoint": checkpoint, "epoch": loaded.metadata.get("epoch"),
+              "split": args.split, "warnings": warnings}
+    return taxonomy, PredictionSet(paths, labels, groups, predictions, probs, source=str(data)), source
 
 
 def _split_subset(table, run_dir: Path, split: str):
     """The images of ``table`` that the run used for ``split`` (from RUN/split.json)."""
-    import json
+    from hiercls.inference import read_run_split
 
-    from hiercls.run import RunPaths
-
-    split_file = RunPaths(run_dir).split
-    try:
-        wanted = {str(Path(p).resolve()) for p in json.loads(split_file.read_text(encoding="utf-8"))[split]}
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"{split_file}: cannot read the run's '{split}' split ({exc})") from None
+    wanted = read_run_split(run_dir)[split]
     keep = [i for i, p in enumerate(table.paths) if str(Path(p).resolve()) in wanted]
     if not keep:
         raise DataError(
@@ -205,7 +223,7 @@ def _group_metrics(
     try:
         metrics = evaluate_groups(
             taxonomy, groups, preds.labels, pred_nodes, preds.probs,
-            get_aggregator(args.aggregator, **options), args.aggregator,
+            get_aggregator(args.aggregator, **options), args.aggregator, scoring=args.group_scoring or "groups",
         )
     except DataError as exc:
         raise DataError(f"--group-by {args.group_by}: {exc}") from None
@@ -223,10 +241,10 @@ def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> No
     table.add_column("metric")
     table.add_column("images", justify="right")
     if groups:
-        table.add_column("groups", justify="right")
+        table.add_column(group_column_title(groups), justify="right")
     auroc = lambda m: (m.get("auroc") or {}).get("leaf_macro")  # noqa: E731
     rows = [
-        ("n", lambda m: m.get("n_groups", m["n_images"])),
+        ("n", lambda m: m["n_images"] if m.get("scoring") == "images" else m.get("n_groups", m["n_images"])),
         ("accuracy", lambda m: m["accuracy"]),
         ("macro-F1", lambda m: m["macro_f1"]),
         ("hP", lambda m: m["hP"]),
@@ -266,11 +284,12 @@ def run(args: argparse.Namespace) -> int:
     out = _output_dir(args)
     get_aggregator(args.aggregator)  # fail on an unknown name before any work
 
+    run_source: dict[str, Any] = {}
     if args.predictions:
         taxonomy = load_taxonomy(args.taxonomy)
         preds = read_predictions_csv(args.predictions, taxonomy)
     else:
-        taxonomy, preds = _predict_with_run(args, out)
+        taxonomy, preds, run_source = _predict_with_run(args, out)
     if len(preds) == 0:
         raise DataError(f"{preds.source}: no rows to evaluate")
     if all(label is None for label in preds.labels):
@@ -293,6 +312,9 @@ def run(args: argparse.Namespace) -> int:
         from hiercls.stats import headline_cis
 
         metrics["ci"] = headline_cis(taxonomy, preds.labels, pred_nodes, groups=groups)
+    if run_source:
+        metrics["notes"] += run_source.pop("warnings")
+        metrics.update(run_source)  # which model made the numbers: run, checkpoint, epoch, split
 
     metrics = json_ready(metrics)
     atomic_write_json(out / "metrics.json", metrics)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from hiercls.cli import add_command
+
+if TYPE_CHECKING:
+    from hiercls.taxonomy import Taxonomy
 
 
 def register(subparsers) -> None:
@@ -18,7 +23,8 @@ def register(subparsers) -> None:
         description=(
             "Load a run's best (or last) checkpoint, predict a probability for every node of the "
             "tree and write a CSV: path, label (when known), group, prediction, p:<node> per node. "
-            "Labels are optional: an unlabelled folder of images works too."
+            "Labels are optional: an unlabelled folder of images works too. Images the run was trained "
+            "on (listed in RUN/split.json) are counted in a warning: predictions on them are optimistic."
         ),
         example_lines=(
             "hiercls predict --run runs/joint --data smears/ --out runs/joint/predictions.csv",
@@ -44,7 +50,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from hiercls.data import load_images
     from hiercls.errors import ConfigError
-    from hiercls.inference import load_run, predict_table
+    from hiercls.inference import load_run, predict_table, run_image_warnings
     from hiercls.predictions import write_predictions_csv
 
     console = Console(stderr=True)
@@ -62,19 +68,38 @@ def run(args: argparse.Namespace) -> int:
     table = load_images(args.data, taxonomy=loaded.taxonomy, group_regex=args.group_regex, require_labels=False)
     if len(table) == 0:
         raise ConfigError(f"{args.data}: no images found")
+    for line in run_image_warnings(args.run, table.paths, args.checkpoint):
+        console.print(f"[yellow]warning:[/] {line}", highlight=False)
     probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, progress=args.progress, console=console,
                           compile=args.compile)
     method = args.decode or loaded.config.decode
     threshold = args.threshold if args.threshold is not None else loaded.config.threshold
     predictions = probs.decode(method, threshold=threshold)
     write_predictions_csv(out, probs, [str(p) for p in table.paths], table.labels, table.groups, predictions)
-    known = [(t, p) for t, p in zip(table.labels, predictions) if t is not None]
     summary = f"wrote {len(table)} predictions to {out}"
-    if known:
-        correct = sum(t == p for t, p in known)
-        summary += f" (exact-match accuracy on {len(known)} labelled images: {correct / len(known):.3f})"
-    console.print(summary)
+    scored = accuracy_summary(loaded.taxonomy, table.labels, predictions)
+    console.print(summary + (f" ({scored})" if scored else ""), highlight=False)
     return 0
+
+
+def accuracy_summary(taxonomy: Taxonomy, labels: Sequence[str | None], predictions: Sequence[str]) -> str | None:
+    """The accuracy line of ``predict``: the ``accuracy`` of ``hiercls evaluate`` on the same rows.
+
+    Both come from ``hiercls.metrics.leaf_accuracy``: rows labelled at a leaf only; partial
+    labels (an internal node) are left out and counted. ``None`` when no row has a label.
+    """
+    from hiercls.metrics import leaf_accuracy, leaf_label_mask
+
+    known = [(t, p) for t, p in zip(labels, predictions) if t is not None]
+    if not known:
+        return None
+    true_nodes, pred_nodes = [t for t, _ in known], [p for _, p in known]
+    n_leaf = int(leaf_label_mask(taxonomy, true_nodes).sum())
+    partial = f"; {len(known) - n_leaf} partial label(s) left out" if n_leaf < len(known) else ""
+    value = leaf_accuracy(taxonomy, true_nodes, pred_nodes)
+    if value is None:
+        return f"no image labelled at a leaf: no exact-match accuracy{partial}"
+    return f"exact-match accuracy on {n_leaf} images labelled at a leaf: {value:.3f}{partial}"
 
 
 def _check_writable(out: Path) -> None:
