@@ -38,7 +38,7 @@ from rich.table import Table
 
 from hiercls.config import FitConfig, check_regex, read_config_file
 from hiercls.errors import CheckpointError, ConfigError, DataError
-from hiercls.io import atomic_write_json, atomic_write_text, json_ready
+from hiercls.io import YamlTooLarge, atomic_write_json, atomic_write_text, json_ready, load_yaml, read_user_text
 from hiercls.metrics import cut_classes
 
 if TYPE_CHECKING:
@@ -429,8 +429,8 @@ def _prepare_out(config: CVConfig) -> Path:
     settings_path = out / SETTINGS_FILE
     if settings_path.is_file():
         try:
-            stored = yaml.safe_load(settings_path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
+            stored = load_yaml(read_user_text(settings_path, "cv settings", CheckpointError)) or {}
+        except (yaml.YAMLError, YamlTooLarge) as exc:
             raise CheckpointError(f"{settings_path}: cannot read ({exc}); choose another out folder") from None
         changed = _changed_settings(stored.get("settings", {}), config.settings())
         if changed:
@@ -981,7 +981,10 @@ def render_tables_markdown(tables: dict[str, Any]) -> str:
         *(f"Note: {n}." for n in tables["notes"]),
         "",
     ]
-    level_title = {"images": "image level", "groups": f"group level ({s['aggregator']} of the images' predictions)"}
+    voted = f"{s['aggregator']} of the images' predictions"
+    level_title = {"images": "image level", "groups": f"group level ({voted})"}
+    if s.get("group_scoring") == "images":  # the paper's reading: images scored with their group's vote
+        level_title["groups"] = f"image level, each image given its group's vote ({voted})"
     lines += _table1_lines(tables, level_title, folds)
     titles = {key: title for key, title, _ in _TABLE2_METRICS}
     for level, rows in tables["table2"].items():
