@@ -108,3 +108,14 @@ def test_split_count_table(tiny_taxonomy):
     single.print(split_count_table(table, tiny_taxonomy, [grouped_train_val_split(table)]))
     header = next(line for line in single.export_text().splitlines() if "node" in line)
     assert "train" in header and "val" in header
+
+
+def test_a_set_too_small_to_stratify_is_split_with_a_warning_not_a_traceback():
+    """Three images per label and a 0.2 validation share (5 folds): scikit-learn refuses to stratify."""
+    from hiercls.data import DataWarning
+
+    labels = [label for label in ("a", "b", "c") for _ in range(3)]
+    table = ImageTable(root=Path("."), paths=[Path(f"{i}.png") for i in range(9)], labels=labels, groups=[None] * 9)
+    with pytest.warns(DataWarning, match="not stratified"):
+        train, val = grouped_train_val_split(table, 0.2, seed=0)
+    assert len(val) >= 1 and len(train) + len(val) == 9 and not set(train) & set(val)

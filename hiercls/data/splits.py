@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from rich.table import Table
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from hiercls.data.dataset import DataWarning, ImageTable
 from hiercls.errors import ConfigError, DataError
@@ -104,6 +104,12 @@ def _kfold(table: ImageTable, n_folds: int, seed: int) -> list[Split]:
     strata = np.array([label if label is not None else "" for label in table.labels], dtype=object)
     _, y = np.unique(strata, return_inverse=True)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    if np.bincount(y).max() < n_folds:
+        # scikit-learn refuses to stratify when every class has fewer images than folds (a tiny
+        # set): split the groups without stratification, and say so.
+        _warn([f"{table.source or 'data'}: every label has fewer images than the {n_folds} folds of the split, "
+               "so it is not stratified; add images or use fewer folds (a larger --val-fraction)"])
+        splitter = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # Rare classes (fewer images than folds) are expected in a tree; they are split as well as possible.
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
