@@ -465,3 +465,14 @@ def test_deeply_nested_checkpoint_metadata_is_a_clear_error(trained, tmp_path):
     (run / "checkpoints" / "best.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError, match="cannot read checkpoint metadata"):
         load_run(run, "best")
+
+
+def test_files_written_atomically_respect_the_umask(tmp_path):
+    from hiercls.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "shared.txt", "x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # mkstemp alone would leave 0600

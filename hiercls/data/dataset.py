@@ -28,6 +28,7 @@ import numpy as np
 
 from hiercls.data.images import IMAGE_EXTENSIONS, is_image_file, read_regular_file
 from hiercls.errors import ConfigError, DataError, HierclsWarning
+from hiercls.io import default_file_mode
 from hiercls.taxonomy import Taxonomy
 
 __all__ = ["DataWarning", "ImageTable", "load_images", "unknown_label_counts", "write_manifest"]
@@ -186,7 +187,7 @@ def write_manifest(table: ImageTable, path: str | Path, overwrite: bool = False)
                     rel = str(image)
                 row = [rel, label or ""]
                 writer.writerow(row + [group or ""] if with_groups else row)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is an ordinary shared file
+        os.chmod(tmp, default_file_mode())  # mkstemp creates 0600; a manifest is an ordinary shared file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
