@@ -254,7 +254,7 @@ class _Capture:
         self._block_input: Tensor | None = None
         self._norm_io: tuple[Any, Tensor | None] = (None, None)
         if tokens:
-            self.handles = [layer.register_forward_pre_hook(self._keep_block_input)]
+            self.handles = [layer.register_forward_pre_hook(self._keep_block_input, with_kwargs=True)]
             norm = _leading_norm(layer)
             if norm is not None:
                 self.handles.append(norm.register_forward_hook(self._keep_norm))
@@ -264,8 +264,8 @@ class _Capture:
     def _keep_output(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         self._output = _first_tensor(output)
 
-    def _keep_block_input(self, _module: nn.Module, inputs: Any) -> None:
-        self._block_input = _first_tensor(inputs)
+    def _keep_block_input(self, _module: nn.Module, inputs: Any, kwargs: dict[str, Any]) -> None:
+        self._block_input = _first_tensor(inputs) if inputs else _first_tensor(list(kwargs.values()))
 
     def _keep_norm(self, _module: nn.Module, inputs: Any, output: Any) -> None:
         self._norm_io = (_first_tensor(inputs), _first_tensor(output))
