@@ -3,10 +3,11 @@
 A hierarchical prediction is a chain of decisions ("root: Leukemia", "Leukemia: Acute",
 "Acute: AML"). :func:`gradcam_per_level` explains each of them separately: for every
 internal node on the path it differentiates the score of the chosen child with respect
-to the activations of the backbone's ``gradcam_layer`` and returns one heatmap per
-decision (Selvaraju et al., Grad-CAM: ``ReLU(sum_c alpha_c A_c)``, ``alpha_c`` the
-spatial mean of the gradient of channel ``c``). What "the score of the chosen child" is
-depends on the strategy:
+to the activations read at the backbone's ``gradcam_layer`` (a CNN stage's output; for a
+token model, the tokens entering its last transformer block, see :class:`_Capture`) and
+returns one heatmap per decision (Selvaraju et al., Grad-CAM: ``ReLU(sum_c alpha_c A_c)``,
+``alpha_c`` the spatial mean of the gradient of channel ``c``). What "the score of the
+chosen child" is depends on the strategy:
 
 * ``joint``: the logit of the child in that node's head; all heads share one backbone;
 * ``per_node``: the logit of the child in that node's own model;
