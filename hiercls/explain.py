@@ -3,10 +3,11 @@
 A hierarchical prediction is a chain of decisions ("root: Leukemia", "Leukemia: Acute",
 "Acute: AML"). :func:`gradcam_per_level` explains each of them separately: for every
 internal node on the path it differentiates the score of the chosen child with respect
-to the activations of the backbone's ``gradcam_layer`` and returns one heatmap per
-decision (Selvaraju et al., Grad-CAM: ``ReLU(sum_c alpha_c A_c)``, ``alpha_c`` the
-spatial mean of the gradient of channel ``c``). What "the score of the chosen child" is
-depends on the strategy:
+to the activations read at the backbone's ``gradcam_layer`` (a CNN stage's output; for a
+token model, the tokens entering its last transformer block, see :class:`_Capture`) and
+returns one heatmap per decision (Selvaraju et al., Grad-CAM: ``ReLU(sum_c alpha_c A_c)``,
+``alpha_c`` the spatial mean of the gradient of channel ``c``). What "the score of the
+chosen child" is depends on the strategy:
 
 * ``joint``: the logit of the child in that node's head; all heads share one backbone;
 * ``per_node``: the logit of the child in that node's own model;
@@ -24,6 +25,7 @@ import math
 import os
 import tempfile
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,9 @@ class LevelCam:
     input's size (1 = the strongest evidence for ``child`` in this image, 0 = none),
     ``depth`` the decision node's depth (root 0) and ``unit`` the training unit whose
     model produced the score (e.g. ``joint``, ``node:Leukemia``, ``level:2``, ``flat``).
+    ``cam_max`` is the largest value of the map before it was divided by its maximum
+    (``ReLU(sum_c alpha_c A_c)`` at the input's size, in units of score times activation):
+    0 means no positive evidence anywhere; compare it only between decisions of one model.
     """
 
     decision: str
@@ -60,6 +65,15 @@ class LevelCam:
     heatmap: np.ndarray
     depth: int
     unit: str
+    cam_max: float = 0.0
+
+    def peak(self) -> tuple[int, int] | None:
+        """``(row, column)`` of the heatmap's maximum in input pixels (first one), or ``None`` when all zero."""
+        heat = np.asarray(self.heatmap)
+        if heat.size == 0 or not float(heat.max()) > 0:
+            return None
+        row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        return int(row), int(col)
 
     def title(self, taxonomy: Taxonomy | None = None) -> str:
         """``"root: Leukemia 0.93"`` (display names when a taxonomy is given)."""
@@ -117,6 +131,29 @@ def activation_to_cam(
     The map is upsampled bilinearly to ``size`` and divided by its maximum, so 0 keeps
     meaning "no positive evidence"; a map without any positive evidence stays all zero.
     """
+    cam = _raw_cam(
+        activation,
+        gradient,
+        size,
+        num_prefix_tokens=num_prefix_tokens,
+        channels=channels,
+        channels_last=channels_last,
+        grid_size=grid_size,
+    )
+    return _normalised(cam)[0]
+
+
+def _raw_cam(
+    activation: Tensor,
+    gradient: Tensor,
+    size: tuple[int, int],
+    *,
+    num_prefix_tokens: int,
+    channels: Sequence[int],
+    channels_last: bool | None,
+    grid_size: tuple[int, int] | None,
+) -> Tensor:
+    """``ReLU(sum_c alpha_c A_c)`` upsampled to ``size``, not normalised (``[H, W]``, finite, >= 0)."""
     a = activation.detach().float()
     g = gradient.detach().float()
     if a.shape != g.shape:
@@ -133,11 +170,15 @@ def activation_to_cam(
     weights = g.mean(dim=(2, 3), keepdim=True)  # alpha_c: spatial mean of the gradient
     cam = torch.relu((weights * a).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[0, 0].clamp_(min=0)
-    cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _normalised(cam: Tensor) -> tuple[np.ndarray, float]:
+    """The map divided by its maximum (all zero stays zero) as ``float32`` numpy, and that maximum."""
     peak = float(cam.max())
     if peak > 0:
         cam = cam / peak
-    return cam.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
+    return cam.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32), max(peak, 0.0)
 
 
 def _is_channels_last(shape: tuple[int, ...], channels: set[int], declared: bool | None) -> bool:
@@ -196,19 +237,93 @@ def _layer_channels(backbone: nn.Module, layer: nn.Module) -> tuple[int, ...]:
 
 
 class _Capture:
-    """A forward hook keeping the last output of a module (the first tensor of a tuple)."""
+    """Forward hooks keeping the tensor Grad-CAM reads from ``layer`` in the last forward pass.
 
-    def __init__(self, layer: nn.Module):
-        self.activation: Tensor | None = None
-        self.handle = layer.register_forward_hook(self._hook)
+    For a map layer (a CNN stage) that is the layer's output. For a token model the layer is
+    its last transformer block, and the tensor is the tokens *entering* the block's attention:
+    the output of the block's leading normalisation when it is fed the block's own input
+    (pre-norm blocks: timm's ``norm1``, torchvision's ``ln_1``), else the block's input. The
+    block's output would be useless when the head reads only the prefix tokens (class or
+    distillation token): the patch tokens leaving the last block reach nothing, so their
+    gradient is exactly zero. Entering the block, they still reach the class token through
+    its attention.
+    """
 
-    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        if isinstance(output, (tuple, list)):
-            output = next((o for o in output if isinstance(o, Tensor)), None)
-        self.activation = output if isinstance(output, Tensor) else None
+    def __init__(self, layer: nn.Module, tokens: bool):
+        self.tokens = tokens
+        self._output: Tensor | None = None
+        self._block_input: Tensor | None = None
+        self._norm_io: tuple[Any, Tensor | None] = (None, None)
+        if tokens:
+            self.handles = [layer.register_forward_pre_hook(self._keep_block_input, with_kwargs=True)]
+            norm = _leading_norm(layer)
+            if norm is not None:
+                self.handles.append(norm.register_forward_hook(self._keep_norm))
+        else:
+            self.handles = [layer.register_forward_hook(self._keep_output)]
+
+    def _keep_output(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self._output = _first_tensor(output)
+
+    def _keep_block_input(self, _module: nn.Module, inputs: Any, kwargs: dict[str, Any]) -> None:
+        self._block_input = _first_tensor(inputs) if inputs else _first_tensor(list(kwargs.values()))
+
+    def _keep_norm(self, _module: nn.Module, inputs: Any, output: Any) -> None:
+        self._norm_io = (_first_tensor(inputs), _first_tensor(output))
+
+    @property
+    def activation(self) -> Tensor | None:
+        if not self.tokens:
+            return self._output
+        norm_input, norm_output = self._norm_io
+        if norm_output is not None and norm_input is not None and norm_input is self._block_input:
+            return norm_output
+        return self._block_input
 
     def remove(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    if isinstance(value, (tuple, list)):
+        value = next((v for v in value if isinstance(v, Tensor)), None)
+    return value if isinstance(value, Tensor) else None
+
+
+def _leading_norm(block: nn.Module) -> nn.Module | None:
+    """The block's first sub-module when it is a normalisation layer (``norm1``, ``ln_1``), else ``None``."""
+    first = next(iter(block.children()), None)
+    if first is None or next(iter(first.children()), None) is not None:
+        return None
+    return first if "norm" in type(first).__name__.lower() else None
+
+
+def _patch_grid(backbone: nn.Module, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The patch grid of a token model for an input of ``size``, when the backbone says it.
+
+    timm: ``patch_embed.grid_size`` (fixed-size models) or the input size divided by
+    ``patch_embed.patch_size`` (``dynamic_img_size``); torchvision: the input size divided
+    by ``patch_size``. ``None`` leaves the grid to the token count.
+    """
+    embed = getattr(backbone, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None) if embed is not None else getattr(backbone, "patch_size", None)
+    grid = getattr(embed, "grid_size", None)
+    if embed is not None and not getattr(embed, "dynamic_img_size", False) and _pair(grid) is not None:
+        return _pair(grid)
+    patch = _pair(patch)
+    if patch is None or min(patch) < 1:
+        return _pair(grid)
+    rounding = math.ceil if getattr(embed, "dynamic_img_pad", False) else math.floor
+    return rounding(size[0] / patch[0]), rounding(size[1] / patch[1])
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    return None
 
 
 class _BackboneCam:
@@ -223,29 +338,40 @@ class _BackboneCam:
             )
         self.layer = layer
         self.size = size
+        self.tokens = bool(getattr(backbone, "is_token_model", False))
         self.prefix = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
         self.channels = _layer_channels(backbone, layer)
         self.channels_last = str(getattr(backbone, "output_fmt", "")).upper() == "NHWC"
-        grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
-        self.grid = (int(grid[0]), int(grid[1])) if isinstance(grid, (tuple, list)) and len(grid) == 2 else None
+        self.grid = _patch_grid(backbone, size) if self.tokens else None
 
     def run(self, forward: Callable[[], Any]) -> tuple[Any, Tensor]:
         """Call ``forward`` with the layer hooked; the outputs and the captured activation."""
-        capture = _Capture(self.layer)
+        capture = _Capture(self.layer, self.tokens)
         try:
             outputs = forward()
         finally:
             capture.remove()
-        if capture.activation is None or not capture.activation.requires_grad:
+        activation = capture.activation
+        if activation is None or not activation.requires_grad:
             raise ConfigError(
-                f"the Grad-CAM layer {type(self.layer).__name__} produced no differentiable tensor output; "
-                "the backbone's `gradcam_layer` must be a module on the path from the image to the features"
+                f"the Grad-CAM layer {type(self.layer).__name__} produced no differentiable tensor "
+                f"{'input' if self.tokens else 'output'}; the backbone's `gradcam_layer` must be a module on the "
+                "path from the image to the features (for a token model: its last transformer block)"
             )
-        return outputs, capture.activation
+        return outputs, activation
 
-    def cam(self, score: Tensor, activation: Tensor) -> np.ndarray:
+    def cam(self, score: Tensor, activation: Tensor) -> tuple[np.ndarray, float]:
+        """The normalised heatmap and the map's maximum before normalising."""
         (gradient,) = torch.autograd.grad(score, activation, retain_graph=True)
-        return activation_to_cam(
+        if activation.ndim == 3 and not bool(gradient[:, self.prefix :].any()):
+            warnings.warn(
+                f"no gradient reaches the patch tokens at the Grad-CAM layer {type(self.layer).__name__}: the "
+                "features read only the prefix tokens after it, so every heatmap is empty; a token model's "
+                "`gradcam_layer` should be its last transformer block",
+                UserWarning,
+                stacklevel=3,
+            )
+        raw = _raw_cam(
             activation,
             gradient,
             self.size,
@@ -254,6 +380,7 @@ class _BackboneCam:
             channels_last=self.channels_last,
             grid_size=self.grid,
         )
+        return _normalised(raw)
 
 
 # -- Grad-CAM per level -------------------------------------------------------------------
@@ -317,13 +444,14 @@ def gradcam_per_level(
             heatmap=heatmap,
             depth=taxonomy.depth(node),
             unit=unit,
+            cam_max=cam_max,
         )
-        for (node, child), (unit, heatmap) in zip(path, heatmaps)
+        for (node, child), (unit, (heatmap, cam_max)) in zip(path, heatmaps)
     ]
 
 
 _Path = list[tuple[str, str]]
-_Heatmaps = list[tuple[str, np.ndarray]]
+_Heatmaps = list[tuple[str, tuple[np.ndarray, float]]]  # (unit, (heatmap, raw maximum))
 
 
 def _joint(model: nn.Module, x: Tensor, path: _Path, size: tuple[int, int]) -> _Heatmaps:

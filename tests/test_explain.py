@@ -21,7 +21,7 @@ from hiercls.explain import (
 )
 from hiercls.models.backbone import set_backbone_attributes
 from hiercls.strategies import build_strategy
-from hiercls.taxonomy import load_taxonomy
+from hiercls.taxonomy import Taxonomy, load_taxonomy
 
 REPO = Path(__file__).resolve().parents[1]
 LEUKEMIA = REPO / "taxonomy" / "leukemia.yaml"
@@ -167,6 +167,196 @@ def test_heatmap_peaks_where_the_evidence_is(taxonomy):
     assert not np.allclose(maps[(0, 0)], maps[(1, 1)])
 
 
+COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 1.0, 0.1)}
+SQUARES = Taxonomy.from_nested({"red": {}, "green": {}, "blank": {}})
+
+
+def square_images(count: int, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Grey noise with a red or green square somewhere in one quadrant (class = colour), or none ("blank").
+
+    Returns images, labels (indices into ``SQUARES.leaves``) and the square's quadrant
+    (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right). A third class without a square
+    makes each colour evidence of its own, not just the absence of the other colour.
+    """
+    images = rng.normal(0.0, 0.1, (count, 3, size, size)).astype(np.float32)
+    labels = rng.integers(0, 3, count)
+    quadrants = rng.integers(0, 4, count)
+    half, side = size // 2, size // 4
+    for i, (label, quadrant) in enumerate(zip(labels, quadrants)):
+        name = SQUARES.leaves[label]
+        if name == "blank":
+            continue
+        top = (quadrant // 2) * half + rng.integers(0, half - side + 1)
+        left = (quadrant % 2) * half + rng.integers(0, half - side + 1)
+        images[i, :, top : top + side, left : left + side] = np.array(COLOURS[name], np.float32)[:, None, None]
+    return torch.from_numpy(images), labels, quadrants
+
+
+def quadrant_of(pixel: tuple[int, int], size: int) -> int:
+    return (pixel[0] // (size // 2)) * 2 + pixel[1] // (size // 2)
+
+
+class TinyCNN(nn.Module):
+    """Two convolutions (16 x 16 maps at 32 px) and average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU()
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.features(x)).flatten(1)
+
+
+def tiny_cnn() -> nn.Module:
+    net = TinyCNN()
+    return set_backbone_attributes(net, num_features=16, gradcam_layer=net.features)
+
+
+def test_trained_cnn_heatmap_peaks_on_the_coloured_square():
+    torch.manual_seed(0)
+    model = build_strategy("joint", SQUARES, backbone=tiny_cnn)
+    network = model.training_units()[0].module
+    optimiser = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    network.train()
+    for _ in range(40):
+        images, labels, _ = square_images(32, 32, rng)
+        loss = nn.functional.cross_entropy(network(images)["root"], torch.from_numpy(labels))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    images, labels, quadrants = square_images(24, 32, np.random.default_rng(99))
+    checked = 0
+    for image, label, quadrant in zip(images, labels, quadrants):
+        if SQUARES.leaves[label] == "blank":
+            continue
+        (cam,) = gradcam_per_level(model, image[None])
+        assert cam.child == SQUARES.leaves[label], "the tiny CNN should have learnt the colours"
+        assert cam.cam_max > 0 and quadrant_of(cam.peak(), 32) == quadrant, (quadrant, cam.peak())
+        checked += 1
+    assert checked >= 10
+
+
+def redness_vit(**options) -> nn.Module:
+    """A one-block timm ViT (32 px, 4 x 4 patches of 8 px) whose only evidence is how red each patch is.
+
+    Weights are set, not trained: a patch token is ``[mean red, 1, 0, 0]``, attention is
+    uniform (zero queries and keys), values and projection copy, the MLP adds nothing and
+    the final norms are removed, so the pooled feature's channel 0 grows with every red
+    patch and the evidence for "red" sits exactly on the red patches. The class and
+    register / distillation tokens start at zero.
+    """
+    import timm
+
+    vit = timm.create_model(
+        options.pop("name", "vit_tiny_patch16_224"), img_size=32, patch_size=8, embed_dim=4, depth=1,
+        num_heads=1, mlp_ratio=1.0, num_classes=0, **options,
+    )
+    width = 4
+    with torch.no_grad():
+        for parameter in vit.parameters():
+            parameter.zero_()
+        vit.patch_embed.proj.weight[0, 0] = 1.0 / 64  # channel 0: mean red of the patch
+        vit.patch_embed.proj.bias[1] = 1.0  # channel 1: constant, so LayerNorm keeps "how red"
+        block = vit.blocks[0]
+        block.norm1.weight.fill_(1.0)
+        block.norm2.weight.fill_(1.0)
+        block.attn.qkv.weight[2 * width :] = torch.eye(width)  # values copy; q = k = 0: uniform attention
+        block.attn.proj.weight.copy_(torch.eye(width))
+    vit.norm, vit.fc_norm = nn.Identity(), nn.Identity()
+    return set_backbone_attributes(
+        vit, num_features=width, gradcam_layer=vit.blocks[-1], is_token_model=True,
+        num_prefix_tokens=vit.num_prefix_tokens,
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "prefix_tokens"),
+    [
+        ({}, 1),
+        ({"reg_tokens": 4}, 5),
+        ({"global_pool": "avg", "class_token": False}, 0),
+        ({"name": "deit_tiny_distilled_patch16_224"}, 2),
+    ],
+    ids=["class-token", "registers", "avg-pool", "distilled"],
+)
+def test_vit_heatmap_peaks_on_the_patch_holding_the_evidence(options, prefix_tokens):
+    tree = Taxonomy.from_nested({"red": {}, "other": {}})
+    model = build_strategy("joint", tree, backbone=lambda: redness_vit(**options))
+    with torch.no_grad():
+        fc = model.training_units()[0].module.heads[0].fc
+        fc.weight.zero_()
+        fc.bias.zero_()
+        fc.weight[0, 0], fc.weight[1, 0] = 1.0, -1.0  # "red" reads channel 0
+    backbone = model.training_units()[0].module.backbone
+    assert backbone.num_prefix_tokens == prefix_tokens
+    rng = np.random.default_rng(0)
+    for row, col in [(0, 0), (0, 3), (1, 2), (3, 0), (2, 3)]:  # a patch in each quadrant, corners and inner
+        image = rng.normal(0.0, 0.05, (1, 3, 32, 32)).astype(np.float32)
+        image[0, 0, row * 8 : row * 8 + 8, col * 8 : col * 8 + 8] = 1.0
+        (cam,) = gradcam_per_level(model, torch.from_numpy(image), target="red")
+        assert cam.cam_max > 0
+        peak = cam.peak()
+        assert (peak[0] // 8, peak[1] // 8) == (row, col), (row, col, peak)
+        assert quadrant_of(peak, 32) == (row // 2) * 2 + col // 2
+        outside = cam.heatmap.copy()
+        outside[row * 8 : row * 8 + 8, col * 8 : col * 8 + 8] = 0
+        assert outside.max() < 0.6, "the evidence is one patch: the map must fall off around it"
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "size"),
+    [
+        ("vit_tiny_patch16_224", {"img_size": 64}, 64),
+        ("deit_tiny_distilled_patch16_224", {"img_size": 64}, 64),
+        ("eva02_tiny_patch14_224", {"img_size": 56}, 56),
+        ("vit_tiny_patch16_224", {"img_size": 64, "global_pool": "avg", "class_token": False}, 64),
+        ("vit_tiny_patch16_224", {"img_size": 64, "depth": 2, "block_fn": "ResPostBlock"}, 64),
+        ("vit_tiny_patch16_224", {"dynamic_img_size": True, "depth": 2}, 48),
+        ("swin_tiny_patch4_window7_224", {"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)}, 64),
+    ],
+    ids=["vit", "deit-distilled", "eva02", "vit-avg-pool", "vit-post-norm", "vit-dynamic-size", "swin"],
+)
+def test_untrained_transformers_have_positive_evidence(name, options, size, taxonomy):
+    """Before the hook read the tokens entering the last block, every ViT map was exactly zero."""
+    import timm
+
+    options = dict(options)
+    if options.get("block_fn") == "ResPostBlock":  # post-norm blocks: no leading norm, the block's input is read
+        options["block_fn"] = timm.models.vision_transformer.ResPostBlock
+    torch.manual_seed(0)
+    model = build_strategy("joint", taxonomy, backbone=name, backbone_kwargs=options)
+    cams = gradcam_per_level(model, torch.randn(1, 3, size, size), target="AML")
+    assert len(cams) == 3
+    assert all(c.heatmap.shape == (size, size) for c in cams)
+    assert all(c.cam_max > 0 and c.heatmap.max() == pytest.approx(1.0) for c in cams), [c.cam_max for c in cams]
+    assert hook_count(model) == 0
+
+
+def test_torchvision_vit_has_positive_evidence(taxonomy):
+    pytest.importorskip("hiercls_torchvision", reason="the hiercls-torchvision plugin is not installed")
+    torch.manual_seed(0)
+    model = build_strategy("joint", taxonomy, backbone="tv/vit_b_16", backbone_kwargs={"image_size": 32})
+    cams = gradcam_per_level(model, torch.randn(1, 3, 32, 32), target="AML")
+    assert len(cams) == 3 and all(c.cam_max > 0 and c.heatmap.any() for c in cams), [c.cam_max for c in cams]
+
+
+def test_a_layer_whose_patch_tokens_get_no_gradient_warns(taxonomy):
+    """A token model pointing Grad-CAM at its final norm (after the last block) cannot be explained: say so."""
+    torch.manual_seed(0)
+    model = build_strategy(
+        "joint", taxonomy, backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": 32, "depth": 1}
+    )
+    backbone = model.training_units()[0].module.backbone
+    object.__setattr__(backbone, "gradcam_layer", backbone.norm)
+    with pytest.warns(UserWarning, match="no gradient reaches the patch tokens"):
+        cams = gradcam_per_level(model, torch.randn(1, 3, 32, 32))
+    assert all(c.cam_max == 0 and not c.heatmap.any() for c in cams)
+
+
 def test_activation_layouts_agree():
     rng = np.random.default_rng(3)
     nchw = torch.from_numpy(rng.normal(size=(1, 6, 4, 4)).astype(np.float32))
@@ -248,9 +438,10 @@ def test_explain_command_writes_panels_and_skips_unreadable(trained_run, tmp_pat
     args = ["explain", "--run", str(run), "--images", str(data / "AML"), str(data / "CLL" / "slide0_CLL.png"),
             str(bad), str(tmp_path / "missing.jpg"), "--out", str(out), "--device", "cpu", "--no-progress"]
     assert main(args) == 0
-    written = sorted(p.name for p in out.iterdir())
+    written = sorted(p.name for p in out.iterdir() if p.suffix == ".png")
     assert written == ["slide0_AML_gradcam.png", "slide0_CLL_gradcam.png", "slide1_AML_gradcam.png",
                        "slide2_AML_gradcam.png"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["summary.csv"]
     for name in written:
         with Image.open(out / name) as png:
             assert png.format == "PNG" and png.size[0] > png.size[1]
@@ -263,6 +454,88 @@ def test_explain_command_writes_panels_and_skips_unreadable(trained_run, tmp_pat
     assert (out / written[0]).stat().st_mtime_ns == before
     assert main([*args, "--overwrite", "--target", "CML"]) == 0
     assert "Leukemia > Chronic > CML" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def vit_run(trained_run, tmp_path_factory) -> Path:
+    """A joint ViT (one block, 4 x 4 patches of 8 px at 32 px) trained one epoch through the CLI."""
+    _, data = trained_run
+    root = tmp_path_factory.mktemp("explain_vit")
+    config = root / "vit.yaml"
+    config.write_text(
+        "backbone: vit_tiny_patch16_224\n"
+        "backbone_kwargs: {img_size: 32, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}\n"
+    )
+    run = root / "run"
+    code = main([
+        "fit", "--config", str(config), "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(run),
+        "--img-size", "32", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--group-regex",
+        r"^(slide\d)_", "--val-fraction", "0.34", "--cache-dir", str(root / "cache"), "--no-progress",
+    ])
+    assert code == 0
+    return run
+
+
+def test_explain_command_writes_summary_csv(vit_run, trained_run, tmp_path, capsys):
+    import csv
+
+    from hiercls.augment import normalize
+    from hiercls.data.cache import decode_resized
+    from hiercls.inference import load_run, normalization_stats
+
+    _, data = trained_run
+    images = [data / "AML" / "slide0_AML.png", data / "Normal" / "slide1_Normal.png"]
+    out = tmp_path / "cams"
+    args = ["explain", "--run", str(vit_run), "--images", *map(str, images), "--out", str(out), "--device", "cpu",
+            "--no-progress"]
+    assert main(args) == 0
+    assert "summary.csv" in capsys.readouterr().out
+    with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["path", "decision", "child", "probability", "cam_max", "peak_row", "peak_col"]
+
+    loaded = load_run(vit_run, "best")
+    mean, std = normalization_stats(loaded.model)
+    expected = []
+    for image in images:
+        pixels = decode_resized(image, 32)
+        cams = gradcam_per_level(loaded.model, normalize(torch.from_numpy(pixels.copy())[None], mean, std))
+        assert cams and cams[0].decision == "root"
+        for cam in cams:
+            assert cam.cam_max > 0, "a ViT's map must not be empty"
+            expected.append([str(image.resolve()), cam.decision, cam.child, cam.probability, cam.cam_max, *cam.peak()])
+    assert len(rows) - 1 == len(expected)
+    for row, (path, decision, child, probability, cam_max, peak_row, peak_col) in zip(rows[1:], expected):
+        assert row[:3] == [path, decision, child]
+        assert float(row[3]) == pytest.approx(probability, rel=1e-4)
+        assert float(row[4]) == pytest.approx(cam_max, rel=1e-3)
+        assert (int(row[5]), int(row[6])) == (peak_row, peak_col)
+        assert 0 <= peak_row < 32 and 0 <= peak_col < 32
+
+    # an existing summary is kept unless --overwrite, and no temporary file is left behind
+    before = (out / "summary.csv").read_bytes()
+    (out / "slide0_AML_gradcam.png").unlink()
+    (out / "slide1_Normal_gradcam.png").unlink()
+    assert main(args) == 2
+    assert "summary.csv: file exists" in capsys.readouterr().err
+    assert (out / "summary.csv").read_bytes() == before
+    assert main([*args, "--overwrite", "--target", "CML"]) == 0
+    with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    to_cml = [("root", "Leukemia"), ("Leukemia", "Chronic"), ("Chronic", "CML")]
+    assert [(r["decision"], r["child"]) for r in rows] == to_cml * 2
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["slide0_AML_gradcam.png", "slide1_Normal_gradcam.png", "summary.csv"]
+
+
+def test_summary_rows_leave_the_peak_empty_without_evidence():
+    from hiercls.cli.explain import summary_rows
+
+    heat = np.zeros((8, 8), dtype=np.float32)
+    rows = summary_rows(Path("a.png"), [LevelCam("root", "Normal", 0.5, heat, 0, "joint", cam_max=0.0)])
+    assert rows == [("a.png", "root", "Normal", "0.5", "0", "", "")]
+    heat[5, 2] = 1.0
+    assert LevelCam("root", "Normal", 0.5, heat, 0, "joint", cam_max=2.5).peak() == (5, 2)
 
 
 def test_explain_command_user_mistakes_exit_2_without_traceback(trained_run, tmp_path, capsys):

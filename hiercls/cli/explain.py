@@ -17,6 +17,8 @@ from hiercls.cli import add_command
 from hiercls.errors import ConfigError, DataError
 
 PANEL_SUFFIX = "_gradcam.png"
+SUMMARY_NAME = "summary.csv"
+SUMMARY_COLUMNS = ("path", "decision", "child", "probability", "cam_max", "peak_row", "peak_col")
 
 
 def register(subparsers) -> None:
@@ -28,9 +30,10 @@ def register(subparsers) -> None:
             "For each image, predict with a trained run and explain every decision on the predicted "
             "path through the tree (root: Leukemia, Leukemia: Acute, Acute: AML) with a Grad-CAM "
             "heatmap, and write OUT/<image name>_gradcam.png: the input as the model saw it "
-            "(resized to the run's image size) and one overlay per decision. Folders given to "
-            "--images are searched for image files. Unreadable images are reported and skipped. "
-            "See docs/explain.md for how to read the panels.",
+            "(resized to the run's image size) and one overlay per decision, and OUT/summary.csv: "
+            "one row per image and decision (probability, the map's maximum and where it peaks). "
+            "Folders given to --images are searched for image files. Unreadable images are "
+            "reported and skipped. See docs/explain.md for how to read the panels.",
             width=88,
         ),
         example_lines=(
@@ -43,7 +46,9 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--images", required=True, nargs="+", metavar="PATH", help="image files and/or folders of images"
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG panels (created)")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the PNG panels and summary.csv (created)"
+    )
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="default: best")
     parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="default: auto")
     parser.add_argument(
@@ -52,7 +57,9 @@ def register(subparsers) -> None:
         default=None,
         help="explain the decisions on the path to this node (e.g. the true label) instead of the predicted path",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing panels in --out")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing panels and summary.csv in --out"
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -117,11 +124,11 @@ def run(args: argparse.Namespace) -> int:
         reasons = "; ".join(f"{p}: {why}" for p, why in skipped[:3])
         raise DataError(f"no image to explain in --images ({reasons}); give image files or folders of images")
     targets = [out / name for name in panel_names(images)]
-    existing = [t for t in targets if t.exists()]
+    existing = [t for t in [*targets, out / SUMMARY_NAME] if t.exists()]
     if existing and not args.overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise ConfigError(
-            f"{existing[0]}: panel exists{more}; use --overwrite to replace, or choose another --out"
+            f"{existing[0]}: file exists{more}; use --overwrite to replace, or choose another --out"
         )
 
     loaded = load_run(args.run, args.checkpoint)
@@ -133,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     size = int(loaded.config.img_size)
 
     written: list[tuple[Path, str, Path]] = []
+    rows: list[tuple[str, ...]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True, disable=not args.progress) as bar:
         task = bar.add_task("Grad-CAM", total=len(images))
@@ -149,14 +157,48 @@ def run(args: argparse.Namespace) -> int:
             title = f"{image_path.name}: {'path to ' + target if target else 'predicted'}: {path_text}"
             render_panel(pixels, cams, panel, taxonomy, title=title, overwrite=args.overwrite)
             written.append((image_path, path_text, panel))
+            rows.extend(summary_rows(image_path, cams))
             bar.advance(task)
 
+    if written:
+        write_summary_csv(out / SUMMARY_NAME, rows)
     _summary(console, written, skipped, out, target)
     if not written:
         raise DataError(
             f"none of the {len(images)} image(s) could be read (first: {skipped[0][0]}: {skipped[0][1]})"
         )
     return 0
+
+
+def summary_rows(image: Path, cams) -> list[tuple[str, ...]]:
+    """One ``summary.csv`` row per decision: ``SUMMARY_COLUMNS`` as text.
+
+    ``cam_max`` is the map's maximum before it was scaled to [0, 1]; ``peak_row`` /
+    ``peak_col`` the pixel where it peaks in the model's input (the image resized to the
+    run's ``img_size``; row 0 at the top, column 0 at the left), empty when the map is all zero.
+    """
+    rows = []
+    for cam in cams:
+        peak = cam.peak()
+        row, col = ("", "") if peak is None else (str(peak[0]), str(peak[1]))
+        rows.append(
+            (str(image), cam.decision, cam.child, f"{cam.probability:.6g}", f"{cam.cam_max:.6g}", row, col)
+        )
+    return rows
+
+
+def write_summary_csv(path: Path, rows: list[tuple[str, ...]]) -> Path:
+    """``SUMMARY_COLUMNS`` then ``rows``, written atomically (no half-written file on a crash)."""
+    import csv
+    import io
+
+    from hiercls.io import atomic_write_text
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def _resolve_target(taxonomy, name: str | None) -> str | None:
@@ -184,4 +226,5 @@ def _summary(
         console.print(table)
     for path, reason in skipped:
         console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {len(written)} panel(s) to {out}; skipped {len(skipped)}", highlight=False)
+    summary = f" and {SUMMARY_NAME}" if written else ""
+    console.print(f"wrote {len(written)} panel(s){summary} to {out}; skipped {len(skipped)}", highlight=False)
