@@ -341,6 +341,7 @@ def _announce(report: WeightsReport) -> None:
 
 # (factory, name, weights, image size, options) of backbones that passed: checked once per process
 _CHECKED: set[tuple[Any, ...]] = set()
+_NOT_FINITE = "NaN or infinite features"
 
 
 def _check_once(
@@ -350,6 +351,11 @@ def _check_once(
     if key in _CHECKED:
         return
     problem = _dry_forward(model, image_size)
+    if problem == _NOT_FINITE and pretrained is not None:
+        raise ConfigError(
+            f"backbone '{name}' with the weights of {pretrained} gives {problem} on 2 images of {image_size} px; "
+            "is the weights file damaged, or made for another model?"
+        )
     if problem:
         raise ConfigError(
             f"backbone '{name}' from plugin {registration.plugin}: on 2 images of {image_size} px its forward "
@@ -399,7 +405,7 @@ def _output_problem(output: Any, num_features: int) -> str | None:
             hint = f" (its num_features says {num_features})"
         return f"shape {shape}{hint}"
     if not bool(torch.isfinite(output).all()):
-        return "NaN or infinite features"
+        return _NOT_FINITE
     if torch.equal(output[0], output[1]):
         return "the same features for two different images (does it mix the batch?)"
     return None
