@@ -22,6 +22,7 @@ import torch
 
 from hiercls.errors import HierclsError
 from hiercls.models import create_backbone
+from hiercls.plugins import backbone_registrations
 
 # One or two small members of each family: CNNs, ViT-likes, windowed and hybrid models.
 DEFAULT_MODELS = (
@@ -110,6 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[SweepRow]:
     args = parse_args(argv)
+    backbone_registrations()  # load the plugins (and timm) before the first timing
     rows = []
     for name in args.models:
         rows.append(try_backbone(name, args.img_size))
