@@ -108,6 +108,18 @@ def test_vit_weights_made_at_224_are_resampled_for_64px(tmp_path):
     assert torch.equal(backbone.blocks[3].attn.qkv.weight, source["blocks.3.attn.qkv.weight"])
 
 
+def test_position_embeddings_are_resampled_on_the_state_dict_path_too(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+
+    source = _random_weights(timm.create_model("vit_tiny_patch16_224"), tmp_path / "plain.pth")
+    torch.save({"model_state_dict": source}, tmp_path / "wrapped.pth")  # timm's loader misses these keys
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backbone = create_backbone("vit_tiny_patch16_224", pretrained=tmp_path / "wrapped.pth", run_img_size=64)
+    expected = resample_abs_pos_embed(source["pos_embed"], [4, 4], num_prefix_tokens=1)
+    assert torch.allclose(backbone.pos_embed, expected)
+
+
 def test_levit_attention_biases_made_at_224_are_resampled_for_64px(tmp_path):
     from timm.layers import resize_rel_pos_bias_table_levit
 

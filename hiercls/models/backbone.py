@@ -78,7 +78,7 @@ def create_backbone(
     registration = find_backbone(name)
     options = _factory_options(registration.factory, kwargs, run_img_size)
     try:
-        model = _build(registration, name, pretrained, options)
+        model = _build(registration, name, pretrained, options, kwargs)
         model = _complete_attributes(model, name, registration.plugin, run_img_size)
         if run_img_size is not None:
             _check_once(model, registration, name, pretrained, options, run_img_size)
@@ -120,17 +120,19 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def _build(registration: Any, name: str, pretrained: str | Path | None, options: dict[str, Any]) -> nn.Module:
+def _build(
+    registration: Any, name: str, pretrained: str | Path | None, options: dict[str, Any], kwargs: dict[str, Any]
+) -> nn.Module:
     """Call the plugin's factory; a failure other than a user mistake becomes ``_DryRunFailure``."""
     try:
         return registration.factory(name, pretrained=pretrained, **options)
     except HierclsError:
         raise
     except TypeError as exc:
-        if options and "unexpected keyword" in str(exc):
+        if kwargs and "unexpected keyword" in str(exc):
             raise ConfigError(
                 f"backbone '{name}' (plugin {registration.plugin}) does not accept option(s) "
-                f"{', '.join(sorted(options))}: {exc}. Remove them from the backbone options."
+                f"{', '.join(sorted(kwargs))}: {exc}. Remove them from the backbone options."
             ) from None
         raise _DryRunFailure("its factory raised", exc) from None
     except Exception as exc:
