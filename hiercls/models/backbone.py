@@ -420,16 +420,20 @@ def _size_or_plugin_error(
     """One clear line: the sizes the model takes when the size is the problem, else the plugin at fault."""
     plugin = registration.plugin
     sized = "img_size" in options  # the factory builds the model for a given size
+    own = kwargs.get("img_size")
+    if image_size is not None and own is not None and own != image_size and \
+            _runs_at(registration, name, options, image_size, None):
+        return ConfigError(
+            f"backbone '{name}' is built for {own} px images by its backbone option img_size={own}, but the "
+            f"images are {image_size} px ({failure.reason}): remove img_size from the backbone options"
+        )
     if image_size is not None and (failure.model is not None or sized):
         works = _sizes_that_work(registration, name, options, image_size, failure.model)
         if works:
-            own = kwargs.get("img_size")
-            note = (f" Its backbone option img_size={own} differs from the images: remove it."
-                    if own is not None and own != image_size else "")
             other = "" if sized else " (or the plugin's own size option in backbone_kwargs, if it has one)"
             return ConfigError(
                 f"backbone '{name}' (plugin {plugin}) cannot take {image_size} px images ({failure.reason}); "
-                f"{works}: set img_size (--img-size) accordingly{other}.{note}"
+                f"{works}: set img_size (--img-size) accordingly{other}."
             )
     return ConfigError(
         f"backbone '{name}' from plugin {plugin} is broken: {failure.stage} ({failure.reason}). "
