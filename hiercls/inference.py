@@ -236,6 +236,7 @@ def build_model(config: FitConfig, taxonomy: Taxonomy, class_counts: np.ndarray 
         backbone=config.backbone,
         pretrained=str(config.pretrained) if (pretrained and config.pretrained) else None,
         backbone_kwargs=dict(config.backbone_kwargs),
+        image_size=int(config.img_size),
         loss=config.loss,
         loss_options=dict(config.loss_options),
         class_counts=class_counts,

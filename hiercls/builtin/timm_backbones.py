@@ -38,8 +38,16 @@ def register_backbones(register: Callable[..., None]) -> None:
     register("timm/", create_timm_backbone, prefix=True)
 
 
-def create_timm_backbone(name: str, pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
-    """A timm model without classifier (pooled features), optionally with local weights."""
+def create_timm_backbone(
+    name: str, pretrained: str | Path | None = None, img_size: int | None = None, **kwargs: Any
+) -> nn.Module:
+    """A timm model without classifier (pooled features), optionally with local weights.
+
+    ``img_size`` (the run's image size) goes to the models that take it (ViT, DeiT, Swin, EVA,
+    LeViT, MaxViT, ...), so their position embeddings and attention windows fit the images;
+    weights made at another size are resampled by timm. Models that take any size (CNNs) are
+    built without it, and so are models asked for ``dynamic_img_size``.
+    """
     model_name = name[len("timm/"):] if name.startswith("timm/") else name
     _check_name(model_name)
     reserved = [k for k in _RESERVED if k in kwargs]
@@ -49,10 +57,10 @@ def create_timm_backbone(name: str, pretrained: str | Path | None = None, **kwar
             "(use `pretrained: PATH` for weights)"
         )
     if pretrained is None:
-        model = _create(model_name, kwargs)
+        model = _create(model_name, kwargs, img_size)
     else:
-        model = _create_with_weights(model_name, weights_file(pretrained, model_name), kwargs)
-    layer, is_token, prefix_tokens = _gradcam_target(model)
+        model = _create_with_weights(model_name, weights_file(pretrained, model_name), kwargs, img_size)
+    layer, is_token, prefix_tokens = _gradcam_target(model, img_size)
     width = getattr(model, "head_hidden_size", None) or model.num_features
     return set_backbone_attributes(
         model,
@@ -89,11 +97,17 @@ def _check_name(model_name: str) -> None:
     )
 
 
-def _create(model_name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
+def _create(model_name: str, kwargs: dict[str, Any], img_size: int | None = None, **extra: Any) -> nn.Module:
     import timm
 
+    sized = {"img_size": img_size} if img_size is not None and not kwargs.get("dynamic_img_size") else {}
     try:
-        return timm.create_model(model_name, num_classes=0, **extra, **kwargs)
+        try:
+            return timm.create_model(model_name, num_classes=0, **extra, **sized, **kwargs)
+        except TypeError as exc:
+            if not (sized and "'img_size'" in str(exc)):
+                raise
+        return timm.create_model(model_name, num_classes=0, **extra, **kwargs)  # takes any size
     except TypeError as exc:
         if "unexpected keyword" in str(exc) and kwargs:
             raise ConfigError(
@@ -102,11 +116,11 @@ def _create(model_name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
         raise
 
 
-def _create_with_weights(model_name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
+def _create_with_weights(model_name: str, path: Path, kwargs: dict[str, Any], img_size: int | None) -> nn.Module:
     """Load through timm's own loader (it adapts e.g. position embeddings), else as a state dict."""
     state = read_weights_file(path, model_name)
     try:
-        model = _create(model_name, kwargs, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        model = _create(model_name, kwargs, img_size, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     except ConfigError:
         raise
     except Exception as exc:  # timm's loader refused the file: fall back to a plain state-dict load
@@ -115,9 +129,45 @@ def _create_with_weights(model_name: str, path: Path, kwargs: dict[str, Any]) ->
         if _loaded_from(model, state):
             logger.info("%s: weights loaded by timm into '%s'", path, model_name)
             return model
-    model = _create(model_name, kwargs)
+    model = _create(model_name, kwargs, img_size)
+    state = _resize_to_model(model, state)
     load_backbone_weights(model, state, str(path), model_name, skip_prefixes=_classifier_prefixes(model))
     return model
+
+
+def _resize_to_model(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Resample size-dependent tables of weights made at another image size, with timm's helpers.
+
+    timm's loader already does this for the models whose checkpoint filter knows how (ViT,
+    Swin, EVA, ...); this covers the rest on the state-dict path: absolute position embeddings
+    ``[1, prefix + H*W, C]`` and LeViT's attention biases ``[heads, H*W]``.
+    """
+    from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_levit
+
+    own = model.state_dict()
+    resized = dict(state)
+    for key, value in state.items():
+        target = own.get(key)
+        if target is None or target.shape == value.shape or value.ndim != target.ndim:
+            continue
+        try:
+            if key.endswith("pos_embed") and value.ndim == 3 and value.shape[-1] == target.shape[-1]:
+                prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0) or 0)
+                side = _square_side(target.shape[1] - prefix)
+                if side and _square_side(value.shape[1] - prefix):
+                    resized[key] = resample_abs_pos_embed(value, [side, side], num_prefix_tokens=prefix)
+            elif key.endswith("attention_biases") and value.ndim == 2 and value.shape[0] == target.shape[0]:
+                if _square_side(value.shape[1]) and _square_side(target.shape[1]):
+                    table = resize_rel_pos_bias_table_levit(value.T, (target.shape[1], target.shape[0]))
+                    resized[key] = table.T.contiguous()
+        except Exception as exc:  # leave it to load_backbone_weights, which reports it as mismatched
+            logger.debug("could not resample %s: %s", key, exc)
+    return resized
+
+
+def _square_side(count: int) -> int:
+    side = int(round(count ** 0.5))
+    return side if side > 0 and side * side == count else 0
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -151,7 +201,7 @@ def _loaded_from(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     return False
 
 
-def _gradcam_target(model: nn.Module) -> tuple[nn.Module | None, bool, int]:
+def _gradcam_target(model: nn.Module, img_size: int | None = None) -> tuple[nn.Module | None, bool, int]:
     """(Grad-CAM layer, token model?, prefix tokens) for the usual timm families."""
     kind = type(model).__name__.lower()
     blocks = getattr(model, "blocks", None)
@@ -171,7 +221,7 @@ def _gradcam_target(model: nn.Module) -> tuple[nn.Module | None, bool, int]:
             return model.get_submodule(info[-1]["module"]), False, 0
         except (AttributeError, KeyError, TypeError):
             pass
-    return find_gradcam_layer(model), False, 0
+    return find_gradcam_layer(model, (3, img_size, img_size) if img_size else None), False, 0
 
 
 __all__ = ["create_timm_backbone", "register_backbones"]

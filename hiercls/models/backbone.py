@@ -17,6 +17,7 @@ weights file with the same checks for every plugin: hiercls never downloads weig
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from collections.abc import Iterable
@@ -49,21 +50,82 @@ EXPORT_HINT = (
 )
 
 
-def create_backbone(name: str, pretrained: str | Path | None = None, **kwargs: Any) -> nn.Module:
+def create_backbone(
+    name: str, pretrained: str | Path | None = None, *, run_img_size: int | None = None, **kwargs: Any
+) -> nn.Module:
     """Build the feature extractor called ``name`` through the plugin that serves that name.
 
     ``pretrained`` is ``None`` (random initialisation) or the path of a local weights file;
     ``kwargs`` go to the plugin's factory (for timm e.g. ``img_size=224``, ``drop_path_rate=0.1``).
     The result always has ``num_features``, ``gradcam_layer``, ``is_token_model`` and
     ``num_prefix_tokens`` (see the module docstring).
+
+    ``run_img_size`` is the side of the images the backbone will see (a run's ``img_size``).
+    A factory that declares an ``img_size`` parameter receives it (unless ``kwargs`` sets
+    ``img_size``), so fixed-size models such as ViTs are built for it. The backbone is then
+    checked once with a dry forward of two images at that size: a factory or forward that
+    fails, or an output that is not ``[2, num_features]`` floats, raises ``ConfigError``
+    naming the backbone, the plugin and, when the size is the problem, sizes that work.
     """
     from hiercls.plugins import find_backbone
 
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"backbone name must be a non-empty string, got {name!r}")
+    if run_img_size is not None and (
+        isinstance(run_img_size, bool) or not isinstance(run_img_size, int) or run_img_size < 1
+    ):
+        raise ConfigError(f"image size for backbone '{name}' must be a positive integer, got {run_img_size!r}")
     registration = find_backbone(name)
+    options = _factory_options(registration.factory, kwargs, run_img_size)
     try:
-        model = registration.factory(name, pretrained=pretrained, **kwargs)
+        model = _build(registration, name, pretrained, options, kwargs)
+        model = _complete_attributes(model, name, registration.plugin, run_img_size)
+        if run_img_size is not None:
+            _check_once(model, registration, name, pretrained, options, run_img_size)
+    except _DryRunFailure as failure:
+        raise _size_or_plugin_error(failure, registration, name, kwargs, options, run_img_size) from None
+    return model
+
+
+def _factory_options(factory: Any, kwargs: dict[str, Any], image_size: int | None) -> dict[str, Any]:
+    """The factory's keyword arguments: the user's options plus ``img_size`` where it is declared."""
+    options = dict(kwargs)
+    if image_size is not None and "img_size" not in options and _declares(factory, "img_size"):
+        options["img_size"] = image_size
+    return options
+
+
+def _declares(factory: Any, parameter: str) -> bool:
+    """True when ``factory`` names ``parameter`` in its signature (a ``**kwargs`` does not count)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    found = params.get(parameter)
+    return found is not None and found.kind in (found.POSITIONAL_OR_KEYWORD, found.KEYWORD_ONLY)
+
+
+class _DryRunFailure(Exception):
+    """The factory or the dry forward raised (a plugin bug, or a size the model cannot take)."""
+
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        super().__init__(stage)
+        self.stage = stage
+        self.reason = _first_line(exc)
+        self.model: nn.Module | None = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _build(
+    registration: Any, name: str, pretrained: str | Path | None, options: dict[str, Any], kwargs: dict[str, Any]
+) -> nn.Module:
+    """Call the plugin's factory; a failure other than a user mistake becomes ``_DryRunFailure``."""
+    try:
+        return registration.factory(name, pretrained=pretrained, **options)
     except HierclsError:
         raise
     except TypeError as exc:
@@ -72,11 +134,12 @@ def create_backbone(name: str, pretrained: str | Path | None = None, **kwargs: A
                 f"backbone '{name}' (plugin {registration.plugin}) does not accept option(s) "
                 f"{', '.join(sorted(kwargs))}: {exc}. Remove them from the backbone options."
             ) from None
-        raise
-    return _complete_attributes(model, name, registration.plugin)
+        raise _DryRunFailure("its factory raised", exc) from None
+    except Exception as exc:
+        raise _DryRunFailure("its factory raised", exc) from None
 
 
-def _complete_attributes(model: nn.Module, name: str, plugin: str) -> nn.Module:
+def _complete_attributes(model: nn.Module, name: str, plugin: str, image_size: int | None = None) -> nn.Module:
     """Check the factory's contract and fill in the Grad-CAM attributes a plugin left out."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"plugin {plugin} built {type(model).__name__} for backbone '{name}', not a torch module")
@@ -89,7 +152,7 @@ def _complete_attributes(model: nn.Module, name: str, plugin: str) -> nn.Module:
     if not hasattr(model, "gradcam_layer"):
         layer = getattr(model, "feature_layer", None)  # older spelling accepted from plugins
         if not isinstance(layer, nn.Module):
-            layer = find_gradcam_layer(model)
+            layer = find_gradcam_layer(model, (3, image_size, image_size) if image_size else None)
         _set_plain(model, "gradcam_layer", layer)
     if not hasattr(model, "is_token_model"):
         _set_plain(model, "is_token_model", bool(getattr(model, "is_vit", False)))
@@ -273,3 +336,157 @@ def _announce(report: WeightsReport) -> None:
     logger.info(report.summary())
     if report.missing or report.mismatched:
         warnings.warn(report.summary(), UserWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------
+# The dry forward: a new backbone must map two images to [2, num_features] floats
+
+# (factory, name, weights, image size, options) of backbones that passed: checked once per process
+_CHECKED: set[tuple[Any, ...]] = set()
+_NOT_FINITE = "NaN or infinite features"
+
+
+def _check_once(
+    model: nn.Module, registration: Any, name: str, pretrained: Any, options: dict[str, Any], image_size: int
+) -> None:
+    key = (registration.factory, name, str(pretrained), image_size, repr(sorted(options.items())))
+    if key in _CHECKED:
+        return
+    problem = _dry_forward(model, image_size)
+    if problem == _NOT_FINITE and pretrained is not None:
+        raise ConfigError(
+            f"backbone '{name}' with the weights of {pretrained} gives {problem} on 2 images of {image_size} px; "
+            "is the weights file damaged, or made for another model?"
+        )
+    if problem:
+        raise ConfigError(
+            f"backbone '{name}' from plugin {registration.plugin}: on 2 images of {image_size} px its forward "
+            f"returned {problem}; expected a float tensor of shape [2, {model.num_features}] (one row of pooled "
+            "features per image, num_features wide). The plugin's factory must be fixed; report it to its authors"
+        )
+    _CHECKED.add(key)
+
+
+@torch.no_grad()
+def _dry_forward(model: nn.Module, image_size: int) -> str | None:
+    """What is wrong with the model's output on two different images (``None``: nothing).
+
+    Runs in eval mode without gradients; the images come from a private generator, so the
+    check leaves the global random state (and with it a seeded run) untouched. A forward that
+    raises becomes ``_DryRunFailure`` carrying the model, so sizes that work can be probed.
+    """
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, image_size, image_size, generator=generator).to(device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        output = model(images)
+    except Exception as exc:
+        failure = _DryRunFailure(f"a forward of 2 images of {image_size} px raised", exc)
+        failure.model = model
+        raise failure from None
+    finally:
+        model.train(was_training)
+    return _output_problem(output, int(model.num_features))
+
+
+def _output_problem(output: Any, num_features: int) -> str | None:
+    if not isinstance(output, torch.Tensor):
+        return f"a {type(output).__name__}, not a tensor"
+    shape = f"[{', '.join(str(d) for d in output.shape)}]"
+    if not output.is_floating_point():
+        return f"a {output.dtype} tensor of shape {shape}, not floats"
+    if output.ndim != 2:
+        return f"a rank-{output.ndim} tensor of shape {shape}" + (" (features not pooled?)" if output.ndim > 2 else "")
+    if tuple(output.shape) != (2, num_features):
+        hint = " (one row for the whole batch instead of one per image)" if output.shape[0] == 1 else ""
+        if output.shape[0] == 2:
+            hint = f" (its num_features says {num_features})"
+        return f"shape {shape}{hint}"
+    if not bool(torch.isfinite(output).all()):
+        return _NOT_FINITE
+    if torch.equal(output[0], output[1]):
+        return "the same features for two different images (does it mix the batch?)"
+    return None
+
+
+def _size_or_plugin_error(
+    failure: _DryRunFailure, registration: Any, name: str, kwargs: dict[str, Any],
+    options: dict[str, Any], image_size: int | None,
+) -> ConfigError:
+    """One clear line: the sizes the model takes when the size is the problem, else the plugin at fault."""
+    plugin = registration.plugin
+    sized = "img_size" in options  # the factory builds the model for a given size
+    own = kwargs.get("img_size")
+    if image_size is not None and own is not None and own != image_size and \
+            _runs_at(registration, name, options, image_size, None):
+        return ConfigError(
+            f"backbone '{name}' is built for {own} px images by its backbone option img_size={own}, but the "
+            f"images are {image_size} px ({failure.reason}): remove img_size from the backbone options"
+        )
+    if image_size is not None and (failure.model is not None or sized):
+        works = _sizes_that_work(registration, name, options, image_size, failure.model)
+        if works:
+            other = "" if sized else " (or the plugin's own size option in backbone_kwargs, if it has one)"
+            return ConfigError(
+                f"backbone '{name}' (plugin {plugin}) cannot take {image_size} px images ({failure.reason}); "
+                f"{works}: set img_size (--img-size) accordingly{other}."
+            )
+    return ConfigError(
+        f"backbone '{name}' from plugin {plugin} is broken: {failure.stage} ({failure.reason}). "
+        "Check its backbone options, else report it to the plugin's authors"
+    )
+
+
+def _sizes_that_work(
+    registration: Any, name: str, options: dict[str, Any], image_size: int, model: nn.Module | None
+) -> str:
+    """Try the neighbouring multiples of the model's stride, then its default size; describe what ran."""
+    step = _size_step(model)
+    lower, upper = (image_size - 1) // step * step, (image_size // step + 1) * step
+    tried = [s for s in (lower, upper) if s >= step]
+    ran = [s for s in tried if _runs_at(registration, name, options, s, model)]
+    if len(ran) == 2:
+        return f"it runs at e.g. {lower} or {upper} px (multiples of {step})"
+    if ran:
+        return f"it runs at e.g. {ran[0]} px"
+    default = _default_size(model)
+    if default not in (image_size, *tried) and _runs_at(registration, name, options, default, model):
+        return f"it runs at {default} px (its default size) but not at {' or '.join(map(str, tried))} px"
+    return ""
+
+
+def _runs_at(registration: Any, name: str, options: dict[str, Any], size: int, model: nn.Module | None) -> bool:
+    """True when the backbone (rebuilt for ``size`` when its factory takes a size) gives good features."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if "img_size" in options:
+                model = registration.factory(name, pretrained=None, **{**options, "img_size": size})
+            return model is not None and _dry_forward(model, size) is None
+    except Exception:  # any failure means: not this size
+        return False
+
+
+def _size_step(model: nn.Module | None) -> int:
+    """The model's total stride (timm's ``feature_info`` reductions, or its patch size); 32 if unknown."""
+    steps = []
+    try:
+        steps += [int(info["reduction"]) for info in getattr(model, "feature_info", None) or ()]
+    except (KeyError, TypeError, ValueError):
+        pass
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(patch, (tuple, list)) and patch:
+        steps.append(int(patch[0]))
+    elif isinstance(patch, int):
+        steps.append(patch)
+    return max([s for s in steps if s > 0] or [32])
+
+
+def _default_size(model: nn.Module | None) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return int(size[-1]) if isinstance(size, (tuple, list)) and size else 224

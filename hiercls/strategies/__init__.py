@@ -48,6 +48,7 @@ def build_strategy(
     backbone: str | Callable[[], nn.Module],
     pretrained: str | None = None,
     backbone_kwargs: dict | None = None,
+    image_size: int | None = None,
     loss: str = "ce",
     loss_options: dict | None = None,
     class_counts: np.ndarray | None = None,
@@ -57,7 +58,9 @@ def build_strategy(
 
     ``backbone`` is a registered backbone name (built with ``create_backbone(name, pretrained,
     **backbone_kwargs)``) or a zero-argument callable returning a module with ``num_features``;
-    every per_node / per_level unit gets its own instance. ``class_counts[num_nodes]`` counts
+    every per_node / per_level unit gets its own instance. ``image_size`` (the run's
+    ``img_size``) builds fixed-size models for it and checks a named backbone once with a dry
+    forward at that size (see ``create_backbone``). ``class_counts[num_nodes]`` counts
     the training images labelled exactly at each node; each decision's loss sees the counts
     of its classes (images at or below each class). Unknown names and options raise
     ``ConfigError``.
@@ -67,7 +70,7 @@ def build_strategy(
         raise ConfigError(f"taxonomy '{taxonomy.name}' has a single leaf: there is nothing to classify")
     resolved = validate_options(name, options, module.DEFAULT_OPTIONS)
     counts = _node_totals(taxonomy, class_counts)
-    backbone_factory = _backbone_factory(backbone, pretrained, backbone_kwargs)
+    backbone_factory = _backbone_factory(backbone, pretrained, backbone_kwargs, image_size)
     loss_factory = _loss_factory(taxonomy, loss, loss_options)
     units = module.build(taxonomy, backbone_factory, loss_factory, counts, resolved)
     return HierarchicalClassifier(taxonomy, name, units, resolved)
@@ -92,7 +95,10 @@ def _node_totals(taxonomy: Taxonomy, class_counts: np.ndarray | None) -> np.ndar
 
 
 def _backbone_factory(
-    backbone: str | Callable[[], nn.Module], pretrained: str | None, backbone_kwargs: dict | None
+    backbone: str | Callable[[], nn.Module],
+    pretrained: str | None,
+    backbone_kwargs: dict | None,
+    image_size: int | None = None,
 ) -> Callable[[], nn.Module]:
     if isinstance(backbone, str):
         from hiercls.models.backbone import create_backbone
@@ -100,7 +106,7 @@ def _backbone_factory(
         kwargs = dict(backbone_kwargs or {})
 
         def make() -> nn.Module:
-            return create_backbone(backbone, pretrained, **kwargs)
+            return create_backbone(backbone, pretrained, run_img_size=image_size, **kwargs)
 
     elif callable(backbone):
         if pretrained is not None or backbone_kwargs:
