@@ -3,8 +3,8 @@
 A diagnosis is made per slide, not per field of view. Hamdi et al. take the most frequent
 predicted label of a slide's images (``mode``); averaging the node probabilities of the images
 and decoding the mean (``mean``) uses the model's confidence as well. Both are
-``GroupAggregator`` subclasses, found by name in ``AGGREGATORS``; ``register_aggregator`` adds
-your own (see ``docs/aggregation.md``).
+``GroupAggregator`` subclasses registered through the plugin hook ``register_aggregators``,
+where a plugin adds its own (see ``docs/aggregation.md``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ __all__ = [
     "GroupAggregator",
     "ModeAggregator",
     "MeanAggregator",
-    "AGGREGATORS",
+    "aggregator_names",
     "get_aggregator",
-    "register_aggregator",
     "group_rows",
     "GroupTruth",
     "aggregate_truth",
@@ -147,30 +146,24 @@ class MeanAggregator(GroupAggregator):
         return group_ids, group_probs.decode(self.decode, self.threshold), group_probs
 
 
-AGGREGATORS: dict[str, type[GroupAggregator]] = {"mode": ModeAggregator, "mean": MeanAggregator}
+def aggregator_names() -> tuple[str, ...]:
+    """Every registered aggregator name (built-ins ``mode`` and ``mean`` first, then plugins')."""
+    from hiercls.plugins import aggregator_names as registered
 
-
-def register_aggregator(name: str, cls: type[GroupAggregator]) -> None:
-    """Make ``cls`` available as ``--aggregator name``."""
-    if not (isinstance(cls, type) and issubclass(cls, GroupAggregator)):
-        raise TypeError(f"{cls!r} is not a GroupAggregator subclass")
-    AGGREGATORS[name] = cls
+    return registered()
 
 
 def get_aggregator(name: str, **options) -> GroupAggregator:
-    """An aggregator instance by name; ``ConfigError`` listing the choices when unknown.
+    """An aggregator instance by name, from the plugin registry (hook ``register_aggregators``);
+    ``ConfigError`` listing the choices when unknown."""
+    from hiercls.plugins import find_aggregator
 
-    A name not registered yet may come from an installed plugin package that calls
-    ``register_aggregator`` when imported, so the plugins are loaded before giving up.
-    """
-    cls = AGGREGATORS.get(name)
-    if cls is None:
-        from hiercls.plugins import get_plugin_manager
-
-        get_plugin_manager()  # imports installed plugins (entry-point group "hiercls")
-        cls = AGGREGATORS.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown aggregator '{name}'; choose one of {', '.join(sorted(AGGREGATORS))}")
+    registration = find_aggregator(name)
+    cls = registration.factory
+    if not (isinstance(cls, type) and issubclass(cls, GroupAggregator)):
+        raise ConfigError(
+            f"aggregator '{name}' from plugin {registration.plugin} is not a GroupAggregator subclass"
+        )
     return cls(**options)
 
 

@@ -79,7 +79,7 @@ class FitConfig(BaseModel):
     taxonomy: Path
     data: Path
     out: Path
-    strategy: Literal["flat", "per_node", "per_level", "joint"] = "joint"
+    strategy: str = "joint"  # a registered strategy (built-ins: flat, per_node, per_level, joint)
     backbone: str = "resnet18"
     pretrained: Path | None = None
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -132,6 +132,17 @@ class FitConfig(BaseModel):
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
             raise ValueError(f"'{value}' is not a device; use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        from hiercls.plugins import find_strategy
+
+        try:
+            find_strategy(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("group_regex")

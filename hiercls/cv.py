@@ -61,7 +61,6 @@ __all__ = [
     "DONE_FILE",
 ]
 
-STRATEGIES = ("flat", "per_node", "per_level", "joint")
 # FitConfig options that the cross-validation sets itself, per cell; they are not allowed under ``fit:``.
 CV_OWNED_OPTIONS = ("taxonomy", "data", "out", "strategy", "backbone", "fold", "folds", "val_fraction", "seed",
                     "split_seed", "group_regex", "exclude")
@@ -89,7 +88,7 @@ class CVConfig(BaseModel):
     seeds: list[int] | None = Field(None, min_length=1)
     group_regex: str | None = None
     exclude: list[str] = Field(default_factory=list)
-    strategies: list[Literal["flat", "per_node", "per_level", "joint"]] = Field(
+    strategies: list[str] = Field(  # registered strategies (hiercls.plugins.strategy_names)
         default_factory=lambda: ["flat", "per_node", "joint"], min_length=1
     )
     backbones: list[str] = Field(default_factory=lambda: ["resnet18"], min_length=1)
@@ -110,6 +109,18 @@ class CVConfig(BaseModel):
         repeated = sorted({v for v in value if value.count(v) > 1})
         if repeated:
             raise ValueError(f"lists {', '.join(repeated)} more than once; give each once")
+        return value
+
+    @field_validator("strategies")
+    @classmethod
+    def _registered_strategies(cls, value: list[str]) -> list[str]:
+        from hiercls.plugins import find_strategy
+
+        for name in value:
+            try:
+                find_strategy(name)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("seeds")
@@ -206,12 +217,12 @@ class CVConfig(BaseModel):
         Keys named after a strategy hold that strategy's own options (``joint: {feed_parent: true}``);
         the other keys apply to every strategy (``dropout: 0.1``).
         """
-        from hiercls.strategies import strategy_options
+        from hiercls.strategies import strategy_names, strategy_options
 
         value = self.fit.get("strategy_options") or {}
         if not isinstance(value, dict):
             raise ConfigError(f"{self.source}: option 'fit.strategy_options': must be a mapping, got {value!r}")
-        shared = {k: v for k, v in value.items() if k not in STRATEGIES}
+        shared = {k: v for k, v in value.items() if k not in strategy_names()}
         own = value.get(strategy) or {}
         if not isinstance(own, dict):
             raise ConfigError(f"{self.source}: option 'fit.strategy_options.{strategy}': must be a mapping of options")
@@ -219,7 +230,7 @@ class CVConfig(BaseModel):
         accepted = strategy_options(strategy)
         unknown = [k for k in options if k not in accepted]
         if unknown:
-            owners = [s for s in STRATEGIES if unknown[0] in strategy_options(s)]
+            owners = [s for s in strategy_names() if unknown[0] in strategy_options(s)]
             hint = f"; put it under strategy_options.{owners[0]}" if owners else ""
             raise ConfigError(
                 f"{self.source}: option 'fit.strategy_options': '{unknown[0]}' is not an option of {strategy} "

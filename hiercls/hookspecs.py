@@ -6,7 +6,8 @@ packages expose theirs through the entry-point group ``hiercls``::
     [project.entry-points.hiercls]
     torchvision = "hiercls_torchvision"
 
-Built-in backbones (timm) and losses are registered through the very same hooks.
+Built-in backbones (timm), losses, strategies and aggregators are registered through the very
+same hooks.
 """
 
 from __future__ import annotations
@@ -47,4 +48,28 @@ def register_losses(register: Callable) -> None:
     for a label given only at an internal node). The context names the decision (an
     internal node, or ``None`` for a flat softmax over leaves), its classes, the training
     counts per class and the taxonomy, so class weights and tree-aware losses are possible.
+    """
+
+
+@hookspec
+def register_strategies(register: Callable) -> None:
+    """Register training strategies.
+
+    Call ``register(name, strategy)``. ``strategy`` is an object (a module or a class) with
+    ``DEFAULT_OPTIONS: dict`` (every option it accepts, with its default) and
+    ``build(taxonomy, backbone_factory, loss_factory, node_counts, options) -> list[TrainingUnit]``
+    (see ``hiercls.strategies.base``): ``backbone_factory()`` returns a fresh backbone,
+    ``loss_factory(node, classes, counts)`` the loss of one decision, ``node_counts[num_nodes]``
+    the training images at or below every node, ``options`` the validated options. The
+    built-ins (flat, per_node, per_level, joint) are registered through this same hook.
+    """
+
+
+@hookspec
+def register_aggregators(register: Callable) -> None:
+    """Register group aggregators (how a slide's or patient's images make one prediction).
+
+    Call ``register(name, cls)`` with a ``hiercls.aggregate.GroupAggregator`` subclass; it
+    becomes ``--aggregator name`` in ``hiercls evaluate`` and ``aggregator: name`` in cv
+    configs. The built-ins ``mode`` and ``mean`` are registered through this same hook.
     """

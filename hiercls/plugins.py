@@ -21,7 +21,12 @@ import pluggy
 from hiercls import hookspecs
 from hiercls.errors import ConfigError
 
-BUILTIN_PLUGINS = ("hiercls.builtin.timm_backbones", "hiercls.builtin.losses")
+BUILTIN_PLUGINS = (
+    "hiercls.builtin.timm_backbones",
+    "hiercls.builtin.losses",
+    "hiercls.builtin.strategies",
+    "hiercls.builtin.aggregators",
+)
 ENTRY_POINT_GROUP = "hiercls"
 
 __all__ = [
@@ -30,16 +35,22 @@ __all__ = [
     "PluginInfo",
     "Registration",
     "PluginOverrideWarning",
+    "aggregator_names",
+    "aggregator_registrations",
     "backbone_registrations",
     "check_provenance",
     "check_run_provenance",
+    "find_aggregator",
     "find_backbone",
+    "find_strategy",
     "find_loss",
     "get_plugin_manager",
     "loss_registrations",
     "plugin_infos",
     "provenance",
     "run_provenance",
+    "strategy_names",
+    "strategy_registrations",
 ]
 
 
@@ -151,6 +162,50 @@ def backbone_registrations() -> list[Registration]:
 def loss_registrations() -> list[Registration]:
     """All losses registered by built-ins and plugins."""
     return _collect("register_losses")
+
+
+def strategy_registrations() -> list[Registration]:
+    """All training strategies registered by built-ins and plugins."""
+    return _collect("register_strategies")
+
+
+def aggregator_registrations() -> list[Registration]:
+    """All group aggregators registered by built-ins and plugins."""
+    return _collect("register_aggregators")
+
+
+def strategy_names() -> tuple[str, ...]:
+    """The strategy names, built-ins first: the one list behind config checks, CLI choices and cv grids."""
+    return tuple(dict.fromkeys(r.name for r in strategy_registrations()))
+
+
+def aggregator_names() -> tuple[str, ...]:
+    """The aggregator names, built-ins first."""
+    return tuple(dict.fromkeys(r.name for r in aggregator_registrations()))
+
+
+def find_strategy(name: str) -> Registration:
+    """The registration of strategy ``name`` (a plugin's overrides a built-in's, with a warning)."""
+    return _find_named("strategy", name, strategy_registrations(), "strategies")
+
+
+def find_aggregator(name: str) -> Registration:
+    """The registration of group aggregator ``name``."""
+    return _find_named("aggregator", name, aggregator_registrations(), "aggregators")
+
+
+def _find_named(kind: str, name: str, registrations: list[Registration], plural: str) -> Registration:
+    named = {r.name: r for r in registrations}  # later registrations (plugins) win
+    if name not in named:
+        close = difflib.get_close_matches(str(name), list(named), n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(
+            f"unknown {kind} '{name}'{hint}; available: {', '.join(named)}. {plural.capitalize()} from "
+            "plugins appear once the plugin is installed (see `hiercls plugins`)."
+        )
+    builtin = any(r.name == name and r.plugin in BUILTIN_PLUGINS for r in registrations)
+    _warn_if_overriding(kind, name, named[name], builtin)
+    return named[name]
 
 
 def find_backbone(name: str) -> Registration:

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 
 from hiercls.aggregate import (
-    AGGREGATORS,
+    aggregator_names,
     GroupAggregator,
     MeanAggregator,
     ModeAggregator,
     aggregate_truth,
     evaluate_groups,
     get_aggregator,
-    register_aggregator,
 )
 from hiercls.errors import ConfigError, DataError
 from hiercls.probabilities import NodeProbabilities
@@ -90,9 +89,12 @@ def test_rows_without_group_are_refused(tax):
 
 
 def test_registry(tax):
+    from hiercls.hookspecs import hookimpl
+    from hiercls.plugins import get_plugin_manager
+
     assert isinstance(get_aggregator("mode"), ModeAggregator)
     assert get_aggregator("mean", decode="best_leaf").decode == "best_leaf"
-    with pytest.raises(ConfigError, match="choose one of mean, mode"):
+    with pytest.raises(ConfigError, match="unknown aggregator 'median'.*available: mode, mean"):
         get_aggregator("median")
 
     class FirstImage(GroupAggregator):
@@ -104,13 +106,23 @@ def test_registry(tax):
                 seen.setdefault(g, p)
             return list(seen), list(seen.values()), None
 
-    register_aggregator("first", FirstImage)
+    class FirstImagePlugin:
+        @staticmethod
+        @hookimpl
+        def register_aggregators(register):
+            register("first", FirstImage)
+            register("bad", object)
+
+    pm = get_plugin_manager()
+    pm.register(FirstImagePlugin, name="first-image-test-plugin")
     try:
+        assert "first" in aggregator_names()
         assert get_aggregator("first").aggregate(tax, ["x", "x"], ["AML", "ALL"], None)[1] == ["AML"]
+        with pytest.raises(ConfigError, match="not a GroupAggregator subclass"):
+            get_aggregator("bad")
     finally:
-        AGGREGATORS.pop("first")
-    with pytest.raises(TypeError):
-        register_aggregator("bad", object)  # type: ignore[arg-type]
+        pm.unregister(FirstImagePlugin)
+    assert "first" not in aggregator_names()
 
 
 def test_aggregate_truth_agreeing_mixed_and_unlabelled():

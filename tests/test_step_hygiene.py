@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hiercls import engine
 from hiercls.engine import fit
-from hiercls.strategies import STRATEGIES
+from hiercls.builtin.strategies import BUILTIN_STRATEGIES as STRATEGIES
 
 #: aten ops that make the host wait for the device when their input lives on a GPU.
 SYNCING_OPS = {

@@ -11,8 +11,8 @@ from torch import nn
 
 from hiercls.errors import ConfigError
 from hiercls.probabilities import NodeProbabilities
+from hiercls.builtin.strategies import BUILTIN_STRATEGIES as STRATEGIES
 from hiercls.strategies import (
-    STRATEGIES,
     HierarchicalClassifier,
     build_strategy,
     strategy_options,

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from hiercls.cli import add_command
+from hiercls.plugins import strategy_names
 
 # Command-line flags that map one-to-one to FitConfig options (dest == option name).
 CONFIG_FLAGS = (
@@ -45,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--taxonomy", metavar="T.yaml", default=S, help="label tree (YAML)")
     p.add_argument("--data", metavar="D", default=S, help="folder of class sub-folders, or a manifest CSV path,label[,group]")
     p.add_argument("--out", metavar="RUN", default=S, help="run folder to create")
-    p.add_argument("--strategy", choices=("flat", "per_node", "per_level", "joint"), default=S, help="default: joint")
+    p.add_argument("--strategy", choices=strategy_names(), default=S, help="default: joint")
     p.add_argument("--backbone", metavar="NAME", default=S, help="timm model name or plugin backbone (default: resnet18)")
     p.add_argument("--loss", metavar="NAME", default=S, help="ce, weighted_ce, focal or a plugin loss (default: ce)")
     p.add_argument("--pretrained", metavar="PATH", default=S, help="local weights file for the backbone (never downloaded)")

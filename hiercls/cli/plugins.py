@@ -1,4 +1,4 @@
-"""``hiercls plugins``: what is installed, which backbones and losses it provides."""
+"""``hiercls plugins``: what is installed, which backbones, losses, strategies and aggregators it provides."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ def register(subparsers) -> None:
     parser = add_command(
         subparsers,
         "plugins",
-        help="list plugins, backbone providers and losses",
+        help="list plugins, backbone providers, losses, strategies and aggregators",
         description=textwrap.fill(
             "List the installed plugins (built-ins, and packages in the 'hiercls' entry-point "
             "group) with the hooks they implement, the backbone names or prefixes each serves "
             "(the longest matching prefix wins; the empty prefix is timm, serving any timm "
-            "model name) and the losses with their options. --list-timm prints the timm model "
+            "model name), the losses with their options, the training strategies with their options "
+            "and the group aggregators. --list-timm prints the timm model "
             "names that match a wildcard pattern.",
             width=88,
         ),
@@ -31,12 +32,15 @@ def register(subparsers) -> None:
             "hiercls plugins",
             "hiercls plugins --backbones",
             "hiercls plugins --losses",
+            "hiercls plugins --strategies",
             "hiercls plugins --list-timm 'convnext*'",
             "hiercls plugins --list-timm '*vit_small*'",
         ),
     )
     parser.add_argument("--backbones", action="store_true", help="only the backbone providers")
     parser.add_argument("--losses", action="store_true", help="only the losses")
+    parser.add_argument("--strategies", action="store_true", help="only the training strategies")
+    parser.add_argument("--aggregators", action="store_true", help="only the group aggregators")
     parser.add_argument(
         "--list-timm", metavar="PATTERN", help="print timm model names matching PATTERN (wildcards * and ?)"
     )
@@ -50,18 +54,24 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         from hiercls.plugins import (
+            aggregator_registrations,
             backbone_registrations,
             loss_registrations,
             plugin_infos,
+            strategy_registrations,
         )
 
-        show_all = not (args.backbones or args.losses)
+        show_all = not (args.backbones or args.losses or args.strategies or args.aggregators)
         if show_all:
             console.print(_plugins_table(plugin_infos()))
         if show_all or args.backbones:
             console.print(_backbones_table(backbone_registrations()))
         if show_all or args.losses:
             console.print(_losses_table(loss_registrations()))
+        if show_all or args.strategies:
+            console.print(_strategies_table(strategy_registrations()))
+        if show_all or args.aggregators:
+            console.print(_aggregators_table(aggregator_registrations()))
     for warning in caught:
         Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False)
     return 0
@@ -115,6 +125,29 @@ def _losses_table(registrations) -> Table:
         options = loss_options(reg.factory)
         shown = "any (**options)" if options is None else (", ".join(_with_defaults(reg.factory, options)) or "-")
         table.add_row(escape(reg.name), escape(reg.plugin), escape(shown))
+    return table
+
+
+def _strategies_table(registrations) -> Table:
+    table = Table(title="Strategies", title_justify="left")
+    table.add_column("strategy")
+    table.add_column("plugin", overflow="fold")
+    table.add_column("options", overflow="fold")
+    for reg in registrations:
+        options = getattr(reg.factory, "DEFAULT_OPTIONS", None)
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items()) if isinstance(options, dict) else "?"
+        table.add_row(escape(reg.name), escape(reg.plugin), escape(shown or "-"))
+    return table
+
+
+def _aggregators_table(registrations) -> Table:
+    table = Table(title="Group aggregators", title_justify="left")
+    table.add_column("aggregator")
+    table.add_column("plugin", overflow="fold")
+    table.add_column("what it does", overflow="fold")
+    for reg in registrations:
+        doc = (getattr(reg.factory, "__doc__", None) or "").strip().splitlines()
+        table.add_row(escape(reg.name), escape(reg.plugin), escape(doc[0] if doc else ""))
     return table
 
 

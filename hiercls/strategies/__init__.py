@@ -1,6 +1,7 @@
 """Training strategies: how a taxonomy becomes trainable models that predict every node.
 
-``build_strategy(name, taxonomy, backbone=...)`` returns a ``HierarchicalClassifier``:
+``build_strategy(name, taxonomy, backbone=...)`` returns a ``HierarchicalClassifier``. The
+strategies come from the plugin registry (hook ``register_strategies``); the built-ins are:
 
 * ``flat``: one softmax over the leaves (1 training unit);
 * ``per_node``: one model per internal node (the paper's base hierarchical model);
@@ -13,7 +14,6 @@ See docs/strategies.md for the semantics, partial labels and options.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,6 @@ from torch import nn
 
 from hiercls.errors import ConfigError
 from hiercls.models import tree_ops
-from hiercls.strategies import flat, joint, per_level, per_node
 from hiercls.strategies.base import (
     HierarchicalClassifier,
     TrainingUnit,
@@ -29,11 +28,14 @@ from hiercls.strategies.base import (
 )
 from hiercls.taxonomy import Taxonomy
 
-__all__ = ["STRATEGIES", "build_strategy", "HierarchicalClassifier", "TrainingUnit", "strategy_options"]
+__all__ = ["build_strategy", "HierarchicalClassifier", "TrainingUnit", "strategy_names", "strategy_options"]
 
-STRATEGIES: tuple[str, ...] = ("flat", "per_node", "per_level", "joint")
 
-_BUILDERS = {"flat": flat, "per_node": per_node, "per_level": per_level, "joint": joint}
+def strategy_names() -> tuple[str, ...]:
+    """Every registered strategy name (built-ins first, then plugins')."""
+    from hiercls.plugins import strategy_names as registered
+
+    return registered()
 
 
 def strategy_options(name: str) -> dict[str, Any]:
@@ -76,10 +78,17 @@ def build_strategy(
     return HierarchicalClassifier(taxonomy, name, units, resolved)
 
 
-def _strategy_module(name: str) -> ModuleType:
-    if name not in _BUILDERS:
-        raise ConfigError(f"unknown strategy '{name}'; choose one of {', '.join(STRATEGIES)}")
-    return _BUILDERS[name]
+def _strategy_module(name: str) -> Any:
+    """The object registered as strategy ``name`` (``DEFAULT_OPTIONS`` and ``build``)."""
+    from hiercls.plugins import find_strategy
+
+    strategy = find_strategy(name).factory
+    if not isinstance(getattr(strategy, "DEFAULT_OPTIONS", None), dict) or not callable(getattr(strategy, "build", None)):
+        raise ConfigError(
+            f"strategy '{name}' (plugin {find_strategy(name).plugin}) has no DEFAULT_OPTIONS dict or no build "
+            "function; see the register_strategies hook in hiercls/hookspecs.py"
+        )
+    return strategy
 
 
 def _node_totals(taxonomy: Taxonomy, class_counts: np.ndarray | None) -> np.ndarray:
