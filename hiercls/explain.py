@@ -426,12 +426,7 @@ def gradcam_per_level(
             if not path:
                 return []
             x = x.clone().requires_grad_(True)  # activations need a graph even with frozen weights
-            explain = _STRATEGIES.get(model.strategy)
-            if explain is None:
-                raise ConfigError(
-                    f"Grad-CAM does not know strategy '{model.strategy}'; known: {', '.join(sorted(_STRATEGIES))}"
-                )
-            heatmaps = explain(model, x, path, size)
+            heatmaps = _gradcam_of(model.strategy)(model, x, path, size)
     finally:
         for p, state in grad_states:
             p.requires_grad_(state)
@@ -508,12 +503,27 @@ def _flat(model: nn.Module, x: Tensor, path: _Path, size: tuple[int, int]) -> _H
     return out
 
 
-_STRATEGIES: dict[str, Callable[[nn.Module, Tensor, _Path, tuple[int, int]], _Heatmaps]] = {
+_BUILTIN_GRADCAM: dict[str, Callable[[nn.Module, Tensor, _Path, tuple[int, int]], _Heatmaps]] = {
     "joint": _joint,
     "per_node": _per_node,
     "per_level": _per_level,
     "flat": _flat,
 }
+
+
+def _gradcam_of(strategy: str) -> Callable[[nn.Module, Tensor, _Path, tuple[int, int]], _Heatmaps]:
+    """How to explain a strategy's model: the registered strategy's own ``gradcam`` when its
+    plugin gives one, else the built-in of that name."""
+    from hiercls.plugins import find_strategy
+
+    registration = find_strategy(strategy)
+    explain = getattr(registration.factory, "gradcam", None) or _BUILTIN_GRADCAM.get(strategy)
+    if explain is None:
+        raise ConfigError(
+            f"Grad-CAM does not know strategy '{strategy}' (plugin {registration.plugin}): its plugin gives no "
+            f"`gradcam` function; the built-in ones are {', '.join(_BUILTIN_GRADCAM)}"
+        )
+    return explain
 
 
 # -- the picture -------------------------------------------------------------------------
