@@ -28,11 +28,12 @@ What is not run exactly as written (to keep the cost to about a minute)
 * ``hiercls fit`` and ``hiercls cv`` (except ``fit --resume``) train **one epoch**: their
   ``--epochs N`` is replaced by ``--epochs 1`` (added when only the config sets the number).
   README's main job is therefore run with ``--epochs 1``; a reader's run trains the 12 epochs of
-  ``examples/blood-cells/demo.yaml``. ``benchmarks/bench_fit.py`` gets ``--steps 2 --warmup 1``.
+  ``examples/blood-cells/demo.yaml``.
 * To save the 3-5 s that importing torch, timm and scikit-learn costs each command, ``hiercls``
   and the Python blocks run in a child forked from a server that imported them once (the same
   ``hiercls.cli.main`` a real ``hiercls`` runs, with the command's cwd, environment, stdin,
-  stdout and stderr). Set ``HIERCLS_DOCS_NO_FORK=1`` to start a fresh interpreter every time.
+  stdout and stderr). Set ``HIERCLS_DOCS_NO_FORK=1`` to start a fresh interpreter every time,
+  ``HIERCLS_DOCS_TIMINGS=1`` (with ``-s``) to print the wall and CPU seconds of every block.
 
 The long runs carry the ``docs`` marker (``python -m pytest -m "not docs"`` leaves them out); the
 README's test command runs them.
@@ -43,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -160,7 +162,7 @@ def make_clone(dest: Path) -> Path:
 
 # The `hiercls` on PATH: applies the epoch budget, then asks the fork server to run the command
 # (or, without one, execs a fresh interpreter).
-HIERCLS_SHIM = r'''#!{python}
+HIERCLS_SHIM = r'''#!@PYTHON@
 import json, os, socket, sys
 
 def budget(argv):
@@ -181,7 +183,7 @@ address = os.environ.get("HIERCLS_DOCS_SERVER")
 if address:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(address)
-    request = {{"kind": "hiercls", "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}}
+    request = {"kind": "hiercls", "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
     socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
     reply = sock.recv(64)
     sys.exit(int(reply) if reply else 70)
@@ -189,26 +191,15 @@ os.execv(sys.executable, [sys.executable, "-m", "hiercls", *argv])
 '''
 
 PYTHON_SHIM = r'''#!/usr/bin/env bash
-# `python` as the docs see it: the suite's interpreter; pytest and pip are not run again.
-if [ "${{1-}}" = -m ] && [ "${{2-}}" = pytest ]; then echo "(docs test) not running the test suite again: python $*"; exit 0; fi
-if [ "${{1-}}" = -m ] && [ "${{2-}}" = pip ] && [ "${{3-}}" = install ]; then echo "(docs test) not installing: python $*"; exit 0; fi
-args=()
-if [ "${{1-}}" = benchmarks/bench_fit.py ]; then
-    skip=0
-    for a in "$@"; do
-        if [ $skip = 1 ]; then skip=0; continue; fi
-        case "$a" in --steps|--warmup) skip=1 ;; *) args+=("$a") ;; esac
-    done
-    args+=(--steps 2 --warmup 1)
-else
-    args=("$@")
-fi
-exec {python} "${{args[@]}}"
+# `python` as the pages see it: the suite's interpreter; pytest and pip install are not run again.
+if [ "${1-}" = -m ] && [ "${2-}" = pytest ]; then echo "(docs test) not running the test suite again: python $*"; exit 0; fi
+if [ "${1-}" = -m ] && [ "${2-}" = pip ] && [ "${3-}" = install ]; then echo "(docs test) not installing: python $*"; exit 0; fi
+exec @PYTHON@ "$@"
 '''
 
 PIP_SHIM = """#!/usr/bin/env bash
 if [ "${1-}" = install ]; then echo "(docs test) not installing: pip $*"; exit 0; fi
-exec {python} -m pip "$@"
+exec @PYTHON@ -m pip "$@"
 """
 
 
@@ -217,7 +208,7 @@ def write_shims(bin_dir: Path) -> None:
     for name, text in (("hiercls", HIERCLS_SHIM), ("python", PYTHON_SHIM), ("python3", PYTHON_SHIM),
                        ("pip", PIP_SHIM), ("pip3", PIP_SHIM)):
         path = bin_dir / name
-        path.write_text(text.format(python=sys.executable), encoding="utf-8")
+        path.write_text(text.replace("@PYTHON@", sys.executable), encoding="utf-8")
         path.chmod(0o755)
 
 
@@ -226,8 +217,9 @@ def write_shims(bin_dir: Path) -> None:
 # Runs in its own process: imports hiercls and its heavy dependencies once, then forks one child
 # per request with the client's cwd, environment and standard streams.
 SERVER_CODE = r'''
-import json, os, signal, socket, sys, traceback
+import json, os, resource, signal, socket, sys, traceback
 import hiercls.cli, hiercls.cv, hiercls.inference, hiercls.explain, hiercls.data.audit, hiercls.engine
+import hiercls.plugins, hiercls.report, matplotlib.pyplot, torchvision
 
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)          # children are reaped automatically
 
@@ -257,6 +249,10 @@ def child(request, conn):
             traceback.print_exc()
             rc = 1
     sys.stdout.flush(); sys.stderr.flush()
+    if os.environ.get("HIERCLS_DOCS_CPU_LOG"):                 # CPU seconds, for the timings table
+        usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        with open(os.environ["HIERCLS_DOCS_CPU_LOG"], "a") as log:
+            log.write(f"{sum(u.ru_utime + u.ru_stime for u in usage)}\n")
     conn.send(str(rc).encode())
 
 server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -327,7 +323,7 @@ class Workspace:
 
     def run(self, block: Block) -> str | None:
         """Run one block; ``None`` when it succeeded, else a message for the test failure."""
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), self.cpu_seconds()
         if block.language == "bash":
             script = self.root / ".block.sh"
             script.write_text(block.code, encoding="utf-8")
@@ -343,10 +339,17 @@ class Workspace:
             proc = subprocess.run([sys.executable, "-c", block.code], cwd=self.root, env=self.env, capture_output=True,
                                   text=True, timeout=BLOCK_TIMEOUT_S, stdin=subprocess.DEVNULL)
             rc, output = proc.returncode, proc.stdout + proc.stderr
-        TIMINGS.append((block.where, time.monotonic() - started))
+        TIMINGS.append((block.where, time.monotonic() - started, self.cpu_seconds() - cpu_before))
         if rc != 0:
             return f"{block.where} ({block.language}) exited {rc}:\n{block.code}\n--- output (last 4000 chars) ---\n{output[-4000:]}"
         return None
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this suite's direct children and of the fork server's children so far."""
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        log = Path(self.env.get("HIERCLS_DOCS_CPU_LOG", os.devnull))
+        forked = sum(float(x) for x in log.read_text().split()) if log.is_file() else 0.0
+        return usage.ru_utime + usage.ru_stime + forked
 
     def run_page(self, page: Path) -> str | None:
         for block in runnable(read_blocks(page)):
@@ -356,7 +359,7 @@ class Workspace:
         return None
 
 
-TIMINGS: list[tuple[str, float]] = []
+TIMINGS: list[tuple[str, float, float]] = []  # (block, wall seconds, CPU seconds)
 
 
 @pytest.fixture(scope="module")
@@ -371,6 +374,7 @@ def workspace(tmp_path_factory) -> Workspace:
     env.setdefault("OMP_NUM_THREADS", "2")
     env.setdefault("MPLBACKEND", "Agg")
     env["COLUMNS"] = "120"
+    env["HIERCLS_DOCS_CPU_LOG"] = str(base / "cpu.log")
     server = None
     if os.environ.get("HIERCLS_DOCS_NO_FORK") != "1" and hasattr(socket, "send_fds") and hasattr(os, "fork"):
         server = ForkServer(base, env)
@@ -381,7 +385,9 @@ def workspace(tmp_path_factory) -> Workspace:
     if server is not None:
         server.stop()
     if os.environ.get("HIERCLS_DOCS_TIMINGS"):
-        print("\n".join(f"{t:7.1f}s  {where}" for where, t in TIMINGS))
+        print("\n  wall s   CPU s  block")
+        print("\n".join(f"{wall:8.1f} {cpu:7.1f}  {where}" for where, wall, cpu in TIMINGS))
+        print(f"{sum(t[1] for t in TIMINGS):8.1f} {sum(t[2] for t in TIMINGS):7.1f}  total")
 
 
 # ----------------------------------------------------------------------------- the tests
@@ -504,3 +510,30 @@ def test_block_reader_sees_indented_fences_and_languages(tmp_path: Path) -> None
     page.write_text("text\n\n```bash\nhiercls plugins\n```\n\n- item\n\n  ```python\n  print(1)\n  ```\n", encoding="utf-8")
     blocks = read_blocks(page, root=tmp_path)
     assert [(b.language, b.code, b.line) for b in blocks] == [("bash", "hiercls plugins\n", 3), ("python", "print(1)\n", 9)]
+
+
+def test_failing_blocks_are_reported(tmp_path: Path) -> None:
+    """A block that fails (the old getting-started snippet's NameError, a failing command) fails the page."""
+    ws = Workspace(tmp_path, dict(os.environ), server=None)
+    python_failure = ws.run(Block("docs/x.md", 7, "python", "probs = model.predict_proba(images)\n"))
+    assert python_failure and "docs/x.md:7" in python_failure and "NameError" in python_failure
+    bash_failure = ws.run(Block("docs/x.md", 9, "bash", "true\nfalse\necho never\n"))
+    assert bash_failure and "exited 1" in bash_failure and "never" not in bash_failure.split("--- output")[1]
+    assert ws.run(Block("docs/x.md", 11, "bash", "echo fine\n")) is None
+
+
+def test_hiercls_invocations_are_found_across_continuations_and_chains() -> None:
+    text = "pip install x && hiercls fit --out r \\\n    --epochs 5 && hiercls evaluate --run r  # note\npython -m hiercls plugins\n"
+    assert hiercls_invocations(text) == [["fit", "--out", "r", "--epochs", "5"], ["evaluate", "--run", "r"], ["plugins"]]
+
+
+@pytest.mark.docs
+def test_fork_server_reports_exit_codes_and_errors(workspace: Workspace) -> None:
+    """Through the fork server, a failing snippet or command fails like it would in a fresh process."""
+    failure = workspace.run(Block("docs/x.md", 1, "python", "import hiercls\nundefined_name\n"))
+    assert failure and "NameError" in failure
+    failure = workspace.run(Block("docs/x.md", 2, "bash", "hiercls fit --no-such-option\n"))
+    assert failure and "exited 2" in failure and "--no-such-option" in failure
+    failure = workspace.run(Block("docs/x.md", 3, "bash", "hiercls taxonomy validate no-such-tree.yaml\n"))
+    assert failure and "exited 2" in failure
+    assert workspace.run(Block("docs/x.md", 4, "python", "import sys\nsys.exit(0)\n")) is None
