@@ -537,3 +537,13 @@ def test_fork_server_reports_exit_codes_and_errors(workspace: Workspace) -> None
     failure = workspace.run(Block("docs/x.md", 3, "bash", "hiercls taxonomy validate no-such-tree.yaml\n"))
     assert failure and "exited 2" in failure
     assert workspace.run(Block("docs/x.md", 4, "python", "import sys\nsys.exit(0)\n")) is None
+
+
+def test_and_chains_only_end_a_block() -> None:
+    """Under ``set -e`` a failure inside ``a && b`` does not stop the script, so a chain anywhere but
+    on a block's last command could fail unseen; the pages keep chains to the last line."""
+    problems = []
+    for block in (b for b in _all_blocks() if b.language == "bash" and not b.is_template):
+        commands = [ln for ln in block.code.replace("\\\n", " ").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        problems += [f"{block.where}: {ln.strip()[:60]}" for ln in commands[:-1] if "&&" in ln or "||" in ln]
+    assert not problems, "\n".join(problems)
