@@ -20,8 +20,8 @@ here as they would for a reader. Bash blocks run with ``bash -euo pipefail``; ea
 runs in a fresh interpreter state. ``hiercls`` and ``python`` on PATH are the interpreter running
 this suite, with this checkout first on PYTHONPATH.
 
-What is not run exactly as written (to keep the cost to about a minute)
------------------------------------------------------------------------
+What is not run exactly as written (to keep the cost to about two CPU-minutes)
+-------------------------------------------------------------------------------
 * ``pip install ...`` prints a note instead of installing (the suite already runs in the
   installed project); ``test_ci_installs_and_tests_as_readme_says`` checks that ``.ci/run`` runs
   README's install and test commands. ``python -m pytest`` (this suite) is not run again.
