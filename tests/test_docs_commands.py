@@ -23,7 +23,7 @@ this suite, with this checkout first on PYTHONPATH.
 What is not run exactly as written (to keep the cost to about two CPU-minutes)
 -------------------------------------------------------------------------------
 * ``pip install ...`` prints a note instead of installing (the suite already runs in the
-  installed project); ``test_ci_installs_and_tests_as_readme_says`` checks that ``.ci/run`` runs
+  installed project); ``test_readme_is_two_commands_and_ci_runs_them`` checks that ``.ci/run`` runs
   README's install and test commands. ``python -m pytest`` (this suite) is not run again.
 * ``hiercls fit`` and ``hiercls cv`` (except ``fit --resume``) train **one epoch**: their
   ``--epochs N`` is replaced by ``--epochs 1`` (added when only the config sets the number).
