@@ -147,7 +147,7 @@ def test_evaluate_a_trained_run(tmp_path):
     config = config_mod.load_config(None, {
         "taxonomy": str(LEUKEMIA), "data": str(data), "out": str(run), "backbone": "test_resnet",
         "img_size": 16, "epochs": 1, "batch_size": 8, "group_regex": r"^(slide\d+)_", "val_fraction": 0.34,
-        "cache_dir": str(tmp_path / "cache"), "device": "cpu",
+        "cache_dir": str(tmp_path / "cache"), "device": "cpu", "allow_incomplete_tree": True,
     })
     engine.fit(config, progress=False)
     out = tmp_path / "eval"
@@ -259,7 +259,7 @@ def test_run_split_scores_the_last_checkpoint_by_default(tmp_path, capsys):
     assert main(["fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(run), "--backbone",
                  "test_resnet", "--img-size", "16", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
                  "--group-regex", r"^(slide\d)_", "--val-fraction", "0.34", "--cache-dir", str(tmp_path / "cache"),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--allow-incomplete-tree"]) == 0
     epochs = {w: json.loads((run / "checkpoints" / f"{w}.json").read_text())["epoch"] for w in ("best", "last")}
     for extra, which in (((), "last"), (("--checkpoint", "best"), "best")):
         out = tmp_path / f"eval-{which}"

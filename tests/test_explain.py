@@ -425,6 +425,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
         "fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(run), "--backbone", "test_resnet",
         "--img-size", "32", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--group-regex",
         r"^(slide\d)_", "--val-fraction", "0.34", "--cache-dir", str(root / "cache"), "--no-progress",
+        "--allow-incomplete-tree",
     ])
     assert code == 0
     return run, data

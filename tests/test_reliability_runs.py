@@ -59,7 +59,7 @@ def fit_args(data: Path, out: Path, *extra: str) -> list[str]:
         "fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(out), "--backbone", "test_resnet",
         "--img-size", "16", "--epochs", str(EPOCHS), "--batch-size", "4", "--optimizer", "adamw", "--device", "cpu",
         "--seed", "7", "--group-regex", r"^(slide\d)_", "--val-fraction", "0.25",
-        "--cache-dir", str(out.parent / "cache"), "--no-progress", *extra,
+        "--cache-dir", str(out.parent / "cache"), "--no-progress", "--allow-incomplete-tree", *extra,
     ]
 
 
@@ -258,7 +258,7 @@ def config_for(smears: Path, out: Path, **options):
     base = {
         "taxonomy": str(LEUKEMIA), "data": str(smears), "out": str(out), "backbone": "test_resnet", "img_size": 16,
         "epochs": 2, "batch_size": 4, "device": "cpu", "seed": 7, "group_regex": r"^(slide\d)_",
-        "val_fraction": 0.25, "cache_dir": str(out.parent / "cache"),
+        "val_fraction": 0.25, "cache_dir": str(out.parent / "cache"), "allow_incomplete_tree": True,
     }
     return load_config(None, {**base, **options})
 

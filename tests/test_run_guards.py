@@ -37,7 +37,7 @@ def fit_args(data: Path, out: Path, *extra: str) -> list[str]:
         "fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(out), "--backbone", "test_resnet",
         "--img-size", "16", "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--seed", "7",
         "--group-regex", r"^(slide\d)_", "--val-fraction", "0.25", "--cache-dir", str(out.parent / "cache"),
-        "--no-progress", *extra,
+        "--no-progress", "--allow-incomplete-tree", *extra,
     ]
 
 
@@ -476,3 +476,14 @@ def test_files_written_atomically_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644  # mkstemp alone would leave 0600
+
+
+def test_fit_refuses_a_tree_whose_decisions_have_no_images_and_leaves_no_folder(smears, tmp_path, capsys):
+    """The smears cover Normal, Reactive, ALL and CLL: Acute and Chronic have one trained child each."""
+    run = tmp_path / "run"
+    args = [a for a in fit_args(smears, run) if a != "--allow-incomplete-tree"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Acute (ALL: " in err and "Chronic (CLL: " in err and "--allow-incomplete-tree" in err
+    assert "[training images at or below each child]" in err  # brackets are printed, not eaten as markup
+    assert not run.exists()

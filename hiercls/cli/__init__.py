@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from rich.console import Console
+from rich.markup import escape
 
 from hiercls import __version__
 from hiercls.errors import HierclsError
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """hiercls's own warnings (data, taxonomy) as one line a user can read; others as usual."""
     if category.__module__.startswith("hiercls"):
-        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 
@@ -63,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HierclsError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold [brackets] that rich would otherwise take for markup and drop
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = f"{escape(str(exc.filename))}: " if exc.filename else ""
         err_console.print(f"[bold red]error:[/] {where}the disk is full; free some space and run the command "
                           "again (`hiercls fit` continues with --resume)", highlight=False, soft_wrap=True)
         return 2
