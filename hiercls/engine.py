@@ -86,7 +86,7 @@ from hiercls.run import (
 )
 from hiercls.taxonomy import Taxonomy, load_taxonomy
 
-__all__ = ["fit", "RunResult", "TrainingError", "validation_metrics", "CHECK_EVERY"]
+__all__ = ["fit", "RunResult", "TrainingError", "TrainingSource", "validation_metrics", "CHECK_EVERY"]
 
 #: Steps between host-device synchronisations (loss finiteness, progress numbers, Ctrl-C
 #: agreement between processes). Each unit's epoch also ends with one.
@@ -117,6 +117,21 @@ class RunResult:
 
 
 @dataclass
+class TrainingSource:
+    """Training images handed to ``fit`` in memory instead of read from ``config.data``.
+
+    ``table`` lists the labelled images (for decoded ``images`` its paths only name them);
+    ``images`` are the decoded ``uint8 [N, img_size, img_size, 3]`` pixels in table order
+    (resized as the image cache resizes), or ``None`` to decode ``table.paths`` through the
+    cache; ``val_idx`` fixes the validation rows (``None``: split as the config says).
+    """
+
+    table: Any  # ImageTable
+    images: np.ndarray | None = None
+    val_idx: np.ndarray | None = None
+
+
+@dataclass
 class _Prepared:
     taxonomy: Taxonomy
     table: Any  # ImageTable of the usable images
@@ -124,31 +139,47 @@ class _Prepared:
     val_idx: np.ndarray
     dropped: int
     split_note: str
+    images: np.ndarray | None = None  # decoded in memory (TrainingSource); None: through the cache
 
 
-def _prepare_data(config: FitConfig) -> _Prepared:
-    from hiercls.data import grouped_kfold, grouped_train_val_split, load_images
+def _prepare_data(config: FitConfig, source: TrainingSource | None = None) -> _Prepared:
+    from hiercls.data import load_images
 
     full = load_taxonomy(config.taxonomy)
     taxonomy = full.exclude(config.exclude) if config.exclude else full
-    table = load_images(config.data, taxonomy=full, group_regex=config.group_regex, require_labels=True)
+    if source is None:
+        table = load_images(config.data, taxonomy=full, group_regex=config.group_regex, require_labels=True)
+        images, fixed_val = None, None
+    else:
+        table, images = source.table, source.images
+        fixed_val = None if source.val_idx is None else np.isin(np.arange(len(table)), source.val_idx)
     keep = np.array([label in taxonomy.index for label in table.labels], dtype=bool)
     dropped = int((~keep).sum())
     if dropped:
         table = table.subset(np.where(keep)[0])
+        images = None if images is None else images[keep]
+        fixed_val = None if fixed_val is None else fixed_val[keep]
     if len(table) == 0:
         raise DataError(f"{config.data}: no labelled images left to train on (after excluding {config.exclude})")
+    if fixed_val is not None:
+        train_idx, val_idx, note = np.where(~fixed_val)[0], np.where(fixed_val)[0], "validation data given"
+    else:
+        train_idx, val_idx, note = _split(config, table)
+    return _Prepared(taxonomy, table, np.asarray(train_idx), np.asarray(val_idx), dropped, note, images)
+
+
+def _split(config: FitConfig, table) -> tuple[np.ndarray, np.ndarray, str]:
+    """Train / validation rows as the config says: a cross-validation fold, a fraction, or none."""
+    from hiercls.data import grouped_kfold, grouped_train_val_split
+
     if config.folds is not None:
         folds = grouped_kfold(table, config.folds, config.seed)
         train_idx, val_idx = folds[config.fold]
-        note = f"fold {config.fold} of {config.folds}"
-    elif config.effective_val_fraction > 0:
+        return train_idx, val_idx, f"fold {config.fold} of {config.folds}"
+    if config.effective_val_fraction > 0:
         train_idx, val_idx = grouped_train_val_split(table, config.effective_val_fraction, config.seed)
-        note = f"val_fraction {config.effective_val_fraction:g}"
-    else:
-        train_idx, val_idx = np.arange(len(table)), np.arange(0)
-        note = "no validation set"
-    return _Prepared(taxonomy, table, np.asarray(train_idx), np.asarray(val_idx), dropped, note)
+        return train_idx, val_idx, f"val_fraction {config.effective_val_fraction:g}"
+    return np.arange(len(table)), np.arange(0), "no validation set"
 
 
 def _split_record(table, train_idx: np.ndarray, val_idx: np.ndarray) -> dict[str, list[str]]:
@@ -479,6 +510,7 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int, str, int], None] | None = None,
+    source: TrainingSource | None = None,
 ) -> RunResult:
     """Train a model as ``config`` says and write a run directory at ``config.out``.
 
@@ -486,18 +518,21 @@ def fit(
     replaces a previous hiercls run there. ``on_step(epoch, unit_name, step)`` is called
     after every optimizer step (for progress hooks, benchmarks and tests). Under
     ``torchrun`` every process calls ``fit``; rank 0 writes the run and its result is the
-    one to read (the others receive the same best epoch and metrics).
+    one to read (the others receive the same best epoch and metrics). ``source`` hands
+    the images over in memory (``TrainingSource``) instead of reading ``config.data``.
     """
     config = _absolute_paths(config)
     dist = _init_distributed(config)
     try:
-        return _fit(config, console, dist, resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
+        return _fit(config, console, dist, resume=resume, overwrite=overwrite, progress=progress, on_step=on_step,
+                    source=source)
     finally:
         dist.close()
 
 
 def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: bool, overwrite: bool,
-         progress: bool, on_step: Callable[[int, str, int], None] | None) -> RunResult:
+         progress: bool, on_step: Callable[[int, str, int], None] | None,
+         source: TrainingSource | None = None) -> RunResult:
     """Check everything a run needs (device, data, tree coverage, model), then open its folder.
 
     Nothing is written before these checks pass, so a fit refused for a user mistake leaves
@@ -511,7 +546,7 @@ def _fit(config: FitConfig, console: Console | None, dist: _Dist, *, resume: boo
     torch.manual_seed(config.seed)
     device = _process_device(config, dist)
     configure_backends(device, config.deterministic)
-    prepared = _prepare_data(config)
+    prepared = _prepare_data(config, source)
     taxonomy, table = prepared.taxonomy, prepared.table
     train_labels = table.label_indices(taxonomy)[prepared.train_idx]
     class_counts = np.bincount(train_labels, minlength=taxonomy.num_nodes).astype(np.float64)
@@ -602,7 +637,7 @@ def _train(config: FitConfig, console: Console, dist: _Dist, paths: RunPaths, pr
     _print_summary(console, config, prepared, units, device, start_epoch, dist)
     if not dist.main:
         dist.barrier()  # rank 0 decodes the images into the cache first; the others then read it
-    all_images = _load_cache(config, list(table.paths), progress)
+    all_images = prepared.images if prepared.images is not None else _load_cache(config, list(table.paths), progress)
     if dist.main:
         dist.barrier()
     train_images = _images_on_device(all_images[prepared.train_idx], device)
