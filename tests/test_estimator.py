@@ -262,3 +262,26 @@ def test_a_cli_run_loads_as_an_estimator_and_trains_the_same_weights(fitted, dat
     # same images, same config: the CLI and the estimator train bit-identical weights
     assert_same_weights(weights(run), weights(fitted.run_dir_))
     np.testing.assert_array_equal(loaded.predict_proba(X).marginal, fitted.predict_proba(X).marginal)
+
+
+def test_with_a_validation_split_the_cli_and_the_estimator_agree_on_every_epoch(data, cache, tmp_path):
+    X, y = data
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in zip(X, y)))
+    from hiercls.cli import main
+
+    run = tmp_path / "cli-run"
+    assert main(["fit", "--taxonomy", str(TAXONOMY), "--data", str(manifest), "--out", str(run), "--img-size", "32",
+                 "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--val-fraction", "0.5",
+                 "--checkpoint-minutes", "0", "--cache-dir", cache, "--no-progress"]) == 0
+    clf = HierarchicalImageClassifier(taxonomy=str(TAXONOMY), cache_dir=cache, run_dir=str(tmp_path / "est-run"),
+                                      **{**OPTIONS, "epochs": 2, "val_fraction": 0.5}).fit(X, y)
+    # checkpoint_minutes is no estimator parameter: at its default, last is written at the end only
+    assert_same_weights(weights(run, "last"), weights(clf.run_dir_, "last"))
+    assert_same_weights(weights(run, "best"), weights(clf.run_dir_, "best"))
+    timing = ("seconds", "elapsed_seconds", "images_per_second")
+    cli_history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in cli_history] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in clf.history_]
+    assert "val_hF" in clf.history_[-1]
+    assert json.loads((run / "split.json").read_text()) == json.loads((clf.run_dir_ / "split.json").read_text())
