@@ -12,7 +12,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from hiercls import DataError, HierarchicalImageClassifier, Taxonomy
+from hiercls import ConfigError, DataError, HierarchicalImageClassifier, Taxonomy
 from hiercls.data import open_rgb
 from hiercls.inference import load_run
 
@@ -232,12 +232,28 @@ def test_a_nested_dict_tree_trains_silently_unless_verbose(capfd):
     X = rng.integers(0, 256, (8, 24, 24, 3), dtype=np.uint8)
     y = ["cat", "dog", "plant", "animal"] * 2
     clf = HierarchicalImageClassifier(taxonomy=tree, backbone="resnet18", img_size=32, epochs=1, batch_size=4,
-                                      device="cpu", val_fraction=0.0)
-    clf.fit(X, y)
+                                      device="cpu")
+    clf.fit(X[:6], y[:6], validation_data=(X[6:], y[6:]))
     assert set(clf.predict(X)) <= {"cat", "dog", "plant"}
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""
     assert sorted(clf.classes_) == ["cat", "dog", "plant"]
+    assert len(json.loads((clf.run_dir_ / "split.json").read_text())["val"]) == 2
+    assert "val_hF" in clf.history_[-1]
+    with pytest.raises(DataError, match="X holds images but X_val holds paths"):
+        clf.fit(X[:6], y[:6], validation_data=([str(TAXONOMY)], ["cat"]))
+
+
+def test_a_refit_replaces_its_own_run_but_never_another(data, cache, tmp_path):
+    X, y = data
+    options = {**OPTIONS, "cache_dir": cache, "run_dir": str(tmp_path / "run")}
+    clf = HierarchicalImageClassifier(taxonomy=str(TAXONOMY), **options).fit(X[:12], y[:12])
+    first = (tmp_path / "run" / "split.json").read_text()
+    clf.fit(X[8:], y[8:])
+    assert (tmp_path / "run" / "split.json").read_text() != first
+    assert clf.run_dir_ == (tmp_path / "run").resolve()
+    with pytest.raises(ConfigError, match="run folder exists and is not empty"):
+        HierarchicalImageClassifier(taxonomy=str(TAXONOMY), **options).fit(X[:12], y[:12])
 
 
 # -- the command line and the estimator share runs ----------------------------------------------
