@@ -58,10 +58,10 @@ def fit_config(data: Path, out: Path, device: str, **overrides):
 
 
 class StepSyncs:
-    """Counts CUDA sync warnings raised while ``engine._train_step`` runs (set_sync_debug_mode)."""
+    """Counts CUDA sync warnings raised while ``trainer._train_step`` runs (set_sync_debug_mode)."""
 
     def __init__(self, device: str):
-        from hiercls import engine
+        from hiercls.training import trainer as engine  # the module whose _train_step the loop calls
 
         self.engine, self.original, self.cuda = engine, engine._train_step, device == "cuda"
         self.steps, self.messages = 0, []

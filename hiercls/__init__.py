@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "HierarchicalImageClassifier",
     "ConfigError",
     "DataError",
     "HierclsError",
@@ -23,3 +24,12 @@ __all__ = [
     "load_taxonomy",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # imported on first use: the estimator pulls in scikit-learn, which the CLI does not need
+    if name == "HierarchicalImageClassifier":
+        from hiercls.estimator import HierarchicalImageClassifier
+
+        return HierarchicalImageClassifier
+    raise AttributeError(f"module 'hiercls' has no attribute {name!r}")

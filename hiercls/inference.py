@@ -41,6 +41,7 @@ __all__ = [
     "LoadedRun",
     "load_run",
     "predict_table",
+    "predict_images",
     "predict_conditionals",
     "decode",
     "resolve_device",
@@ -331,13 +332,29 @@ def predict_table(
     from hiercls.data import ImageCache
 
     config = loaded_run.config
+    resolve_device(device)  # an unavailable device is refused before any image is decoded
+    images = ImageCache(config.cache_dir).load(list(table.paths), config.img_size, progress=progress)
+    return predict_images(loaded_run, images, batch_size=batch_size, device=device, progress=progress,
+                          console=console, compile=compile)
+
+
+def predict_images(
+    loaded_run: LoadedRun,
+    images: np.ndarray,
+    batch_size: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    console: Console | None = None,
+    compile: bool = False,
+) -> NodeProbabilities:
+    """Node probabilities for decoded ``uint8 [N, img_size, img_size, 3]`` images (see ``predict_table``)."""
+    config = loaded_run.config
     dev = resolve_device(device)
     configure_backends(dev, config.deterministic)
     model = loaded_run.model.to(dev)
     channels_last = use_channels_last(config.channels_last, dev)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    images = ImageCache(config.cache_dir).load(list(table.paths), config.img_size, progress=progress)
     conditional = predict_conditionals(
         model,
         images,

@@ -303,14 +303,16 @@ def test_loaded_run_reproduces_validation_predictions(smears, tmp_path):
 def test_host_syncs_only_every_check_interval(smears, tmp_path, monkeypatch):
     """The loss is fetched from the device every CHECK_EVERY steps and at each unit's last step."""
     checks, steps = [], []
-    real_check = engine._check
+    from hiercls.training import trainer
+
+    real_check = trainer._check
 
     def counting(step_losses, step, *args, **kwargs):
         checks.append(step)
         return real_check(step_losses, step, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "CHECK_EVERY", 4)
-    monkeypatch.setattr(engine, "_check", counting)
+    monkeypatch.setattr(trainer, "CHECK_EVERY", 4)
+    monkeypatch.setattr(trainer, "_check", counting)
     fit(make_config(smears, tmp_path / "run", epochs=1, batch_size=4), progress=False,
         on_step=lambda epoch, unit, step: steps.append(step))
     last = max(steps)
@@ -394,7 +396,9 @@ def test_checkpoint_minutes_zero_saves_every_epoch(smears, tmp_path):
 
 def test_a_checkpoint_is_written_once_the_interval_has_passed(smears, tmp_path, monkeypatch):
     now = [0.0]  # a clock at 200 s x epochs trained: epoch k ends at 200 k seconds
-    monkeypatch.setattr(engine.time, "monotonic", lambda: now[0])
+    from hiercls.training import run_folder
+
+    monkeypatch.setattr(run_folder.time, "monotonic", lambda: now[0])  # the clock of the save policy
     seen: list[int | None] = []
     last = tmp_path / "run" / "checkpoints" / "last.json"
 
@@ -418,3 +422,58 @@ def test_a_new_best_always_saves_last_with_it(smears, tmp_path):
     best = json.loads((run / "checkpoints" / "best.json").read_text())["epoch"]
     # the resumable state names the best epoch whose weights are on disk
     assert load_training_state(run / "checkpoints" / "last.state.pt")["best_epoch"] == best
+
+
+# -- the in-memory trainer ------------------------------------------------------------------
+
+
+def test_the_trainer_trains_in_memory_with_callbacks_and_writes_nothing(tmp_path, monkeypatch, capfd):
+    """``Trainer`` alone: no run folder, no console; the callbacks see every step and epoch."""
+    from hiercls.inference import build_model
+    from hiercls.taxonomy import load_taxonomy
+    from hiercls.training import Callback, Trainer, TrainingData, build_units
+
+    monkeypatch.chdir(tmp_path)
+    config = FitConfig(taxonomy=LEUKEMIA, data=tmp_path / "unused", out=tmp_path / "unused-run",
+                       backbone="test_resnet", img_size=16, epochs=2, batch_size=4, device="cpu")
+    taxonomy = load_taxonomy(LEUKEMIA)
+    labels = np.array([taxonomy.index[name] for name in LABELS] * 2)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (len(labels), 16, 16, 3), dtype=np.uint8))
+    model = build_model(config, taxonomy, None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    units = build_units(config, model, labels, engine.Dist(), torch.device("cpu"))
+    data = TrainingData(images, torch.from_numpy(labels), images.numpy()[:6], list(LABELS[:6]), has_val=True)
+
+    class Recorder(Callback):
+        steps, epochs = [], []
+
+        def on_step(self, trainer, epoch, unit, step):
+            self.steps.append((epoch, unit.name, step))
+
+        def on_epoch_end(self, trainer, epoch, record, improved):
+            self.epochs.append((record["epoch"], "val_hF" in record, improved))
+
+    recorder = Recorder()
+    trainer = Trainer(config, taxonomy, model, units, data, BatchAugment(config.augment), torch.device("cpu"),
+                      callbacks=[recorder])
+    assert trainer.fit() == (2, False)
+    assert recorder.steps == [(e, "joint", s) for e in range(2) for s in range(4)]
+    assert [e[:2] for e in recorder.epochs] == [(1, True), (2, True)] and recorder.epochs[0][2]
+    assert trainer.best_epoch in (1, 2) and trainer.last_metrics["epoch"] == 2
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(tmp_path.iterdir()) == []
+    assert capfd.readouterr() == ("", "")
+
+
+def test_training_functions_stay_short():
+    """The loop stays readable: no function of the engine, trainer, run folder or estimator over 80 lines."""
+    import ast
+
+    package = Path(engine.__file__).parent
+    files = [package / "engine.py", package / "estimator.py", *sorted((package / "training").glob("*.py"))]
+    long = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

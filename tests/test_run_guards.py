@@ -382,12 +382,12 @@ def test_resume_counts_the_checkpoints_it_replaces_as_free_space(trained, tmp_pa
 
 
 def test_a_full_disk_anywhere_is_one_line_not_a_traceback(monkeypatch, capsys, smears, tmp_path):
-    from hiercls import engine
+    from hiercls.training import run_folder
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "metrics.jsonl")
 
-    monkeypatch.setattr(engine, "_append_metrics", full)
+    monkeypatch.setattr(run_folder, "append_metrics", full)
     assert main(fit_args(smears, tmp_path / "run", "--epochs", "1")) == 2
     assert "the disk is full" in capsys.readouterr().err
 

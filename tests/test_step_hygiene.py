@@ -4,7 +4,7 @@ compiled model that is compiled once per shape and never falls back to eager.
 On CUDA an op whose result the host must read (``.item()``, ``bool(tensor)``, ``nonzero``,
 boolean-mask indexing, ``unique`` ...) makes the host wait for every queued kernel, so the
 GPU idles while the next step is launched. These ops are visible on the CPU too: a dispatch
-mode records them while ``engine._train_step`` runs (torch's own optimizer step excluded:
+mode records them while ``trainer._train_step`` runs (torch's own optimizer step excluded:
 on CUDA it is the fused kernel, which keeps its step counter on the device).
 """
 
@@ -23,9 +23,9 @@ from torch.optim.optimizer import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hiercls import engine
 from hiercls.engine import fit
 from hiercls.builtin.strategies import BUILTIN_STRATEGIES as STRATEGIES
+from hiercls.training import trainer
 
 #: aten ops that make the host wait for the device when their input lives on a GPU.
 SYNCING_OPS = {
@@ -77,7 +77,7 @@ def smears(tmp_path_factory) -> Path:
 def record_syncs(monkeypatch) -> SyncRecorder:
     """Run every ``_train_step`` of the next ``fit`` under a ``SyncRecorder`` (returned)."""
     recorder = SyncRecorder()
-    original = engine._train_step
+    original = trainer._train_step
 
     def pause(optimizer, *args, **kwargs):
         recorder.paused = True
@@ -95,7 +95,7 @@ def record_syncs(monkeypatch) -> SyncRecorder:
             pre.remove()
             post.remove()
 
-    monkeypatch.setattr(engine, "_train_step", recorded_step)
+    monkeypatch.setattr(trainer, "_train_step", recorded_step)
     return recorder
 
 
