@@ -30,7 +30,7 @@ def register(subparsers) -> None:
             width=88,
         ),
         example_lines=(
-            "hiercls cv --config examples/blood-cells/cv-cpu.yaml",
+            "hiercls cv --config examples/blood-cells/cv-sample.yaml",
             "hiercls cv --config examples/leukemia/cv.yaml --out runs/cv-leukemia",
             "hiercls cv --config examples/leukemia/cv.yaml --exclude Reactive --out runs/cv-no-reactive",
             "hiercls cv --config C.yaml --strategies flat,joint --backbones resnet18 --folds 3 --epochs 2 --device cpu",
