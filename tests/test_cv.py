@@ -387,7 +387,7 @@ def test_excluded_node_leaves_the_tree_the_training_and_the_evaluation(project: 
         ({"fit": {"strategy": "flat"}}, "use top-level 'strategies'"),
         ({"fit": {"lrr": 0.1}}, "unknown fit option(s) lrr"),
         ({"fit": {"lr": -1}}, "option 'fit.lr'"),
-        ({"strategies": ["flat", "tree"]}, "option 'strategies.1'"),
+        ({"strategies": ["flat", "tree"]}, "option 'strategies': unknown strategy 'tree'"),
         ({"strategies": ["flat", "flat"]}, "more than once"),
         ({"folds": 1}, "option 'folds'"),
         ({"fit": {"strategy_options": {"feed_parent": False}}}, "put it under strategy_options.joint"),

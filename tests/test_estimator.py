@@ -289,9 +289,10 @@ def test_with_a_validation_split_the_cli_and_the_estimator_agree_on_every_epoch(
     run = tmp_path / "cli-run"
     assert main(["fit", "--taxonomy", str(TAXONOMY), "--data", str(manifest), "--out", str(run), "--img-size", "32",
                  "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--val-fraction", "0.5",
-                 "--checkpoint-minutes", "0", "--cache-dir", cache, "--no-progress"]) == 0
+                 "--checkpoint-minutes", "0", "--cache-dir", cache, "--no-progress", "--allow-incomplete-tree"]) == 0
     clf = HierarchicalImageClassifier(taxonomy=str(TAXONOMY), cache_dir=cache, run_dir=str(tmp_path / "est-run"),
-                                      **{**OPTIONS, "epochs": 2, "val_fraction": 0.5}).fit(X, y)
+                                      **{**OPTIONS, "epochs": 2, "val_fraction": 0.5},
+                                      allow_incomplete_tree=True).fit(X, y)
     # checkpoint_minutes is no estimator parameter: at its default, last is written at the end only
     assert_same_weights(weights(run, "last"), weights(clf.run_dir_, "last"))
     assert_same_weights(weights(run, "best"), weights(clf.run_dir_, "best"))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from hiercls.aggregate import GROUP_SCORINGS, aggregator_names, get_aggregator, group_column_title
+from hiercls.aggregate import GROUP_SCORINGS, get_aggregator, group_column_title
 from hiercls.cli import add_command
 from hiercls.errors import ConfigError, DataError
 from hiercls.io import json_ready
@@ -71,8 +71,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json, report.md and figures")
     parser.add_argument("--group-by", metavar="COLUMN", help="also evaluate per group of this column (e.g. group)")
     parser.add_argument(
-        "--aggregator", default="mode", choices=aggregator_names(), metavar="NAME",
-        help=f"how a group's images make one prediction: {', '.join(aggregator_names())} (default: mode)",
+        "--aggregator", default="mode", metavar="NAME",
+        help="how a group's images make one prediction: mode, mean or a plugin's "
+        "(`hiercls plugins --aggregators`; default: mode)",
     )
     parser.add_argument(
         "--group-scoring", choices=GROUP_SCORINGS, default=None,

@@ -9,7 +9,6 @@ from pathlib import Path
 from rich.console import Console
 
 from hiercls.cli import add_command
-from hiercls.plugins import strategy_names
 
 # Command-line flags that map one-to-one to FitConfig options (dest == option name).
 CONFIG_FLAGS = (
@@ -46,7 +45,10 @@ def register(subparsers) -> None:
     p.add_argument("--taxonomy", metavar="T.yaml", default=S, help="label tree (YAML)")
     p.add_argument("--data", metavar="D", default=S, help="folder of class sub-folders, or a manifest CSV path,label[,group]")
     p.add_argument("--out", metavar="RUN", default=S, help="run folder to create")
-    p.add_argument("--strategy", choices=strategy_names(), default=S, help="default: joint")
+    # no argparse choices: listing them would load every plugin (and torch) just to parse arguments;
+    # the config check names the registered strategies (and the closest one) instead
+    p.add_argument("--strategy", metavar="NAME", default=S,
+                   help="flat, per_node, per_level, joint or a plugin's (`hiercls plugins --strategies`); default: joint")
     p.add_argument("--backbone", metavar="NAME", default=S, help="timm model name or plugin backbone (default: resnet18)")
     p.add_argument("--loss", metavar="NAME", default=S, help="ce, weighted_ce, focal or a plugin loss (default: ce)")
     p.add_argument("--pretrained", metavar="PATH", default=S, help="local weights file for the backbone (never downloaded)")
