@@ -450,10 +450,12 @@ def _print_summary(console: Console, config: FitConfig, prepared: _Prepared, uni
     if prepared.dropped:
         table.add_row("excluded", f"{prepared.dropped} images labelled under {', '.join(config.exclude)}")
     table.add_row("groups", str(n_groups) if n_groups else "none (per-image split: neighbouring images may leak)")
-    table.add_row("taxonomy", f"{prepared.taxonomy.name}: {prepared.taxonomy.num_nodes} nodes, {len(prepared.taxonomy.leaves)} leaves")
+    tree = prepared.taxonomy
+    table.add_row("taxonomy", f"{tree.name}: {tree.num_nodes} nodes, {len(tree.leaves)} leaves")
     table.add_row("strategy", f"{config.strategy} ({len(units)} unit{'s' if len(units) != 1 else ''}: "
                   + ", ".join(f"{u.name} [{len(u.indices)} img]" for u in units) + ")")
-    table.add_row("backbone", f"{config.backbone} @ {config.img_size}px" + (f", weights {config.pretrained}" if config.pretrained else ", random init"))
+    weights = f", weights {config.pretrained}" if config.pretrained else ", random init"
+    table.add_row("backbone", f"{config.backbone} @ {config.img_size}px{weights}")
     table.add_row("optimiser", f"{config.optimizer} lr {config.lr:g}, {config.scheduler} schedule, batch {config.batch_size}")
     table.add_row("device", f"{device}" + (f", resuming at epoch {start_epoch + 1}" if start_epoch else ""))
     if dist is not None and dist.active:

@@ -450,8 +450,8 @@ def _write_manifest(workspace: Path, paths: list[Path], labels: list[str]) -> Pa
 
 def _read_history(run_dir: Path) -> list[dict[str, Any]]:
     """The run's metrics.jsonl records, one per finished epoch."""
-    from hiercls.io import RUN_FILE_BYTES, read_user_text
     from hiercls.errors import CheckpointError
+    from hiercls.io import RUN_FILE_BYTES, read_user_text
 
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

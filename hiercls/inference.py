@@ -164,7 +164,9 @@ def predict_conditionals(
     return result
 
 
-def _device_batches(images: np.ndarray | torch.Tensor, batch_size: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+def _device_batches(
+    images: np.ndarray | torch.Tensor, batch_size: int, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, uint8 batch on device)`` for consecutive batches of ``images``.
 
     Images already on ``device`` are sliced in place. On CUDA, host images go through two

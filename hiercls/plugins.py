@@ -12,9 +12,10 @@ import difflib
 import importlib
 import importlib.metadata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 

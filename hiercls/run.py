@@ -215,7 +215,7 @@ class RunLock:
         self.path = Path(root) / LOCK_NAME
         self._handle = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         try:
             import fcntl
         except ImportError:  # no flock (Windows): runs are not protected against a second fit

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from hiercls.aggregate import (
-    aggregator_names,
     GroupAggregator,
     MeanAggregator,
     ModeAggregator,
     aggregate_truth,
+    aggregator_names,
     evaluate_groups,
     get_aggregator,
 )

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_image
 from PIL import Image, ImageEnhance
 
 from hiercls.cli import main
 from hiercls.data import audit, grouped_kfold, load_images
 from hiercls.data.audit import near_duplicate_pairs
 from hiercls.taxonomy import load_taxonomy
+
+from conftest import write_image
 
 SIZE = (64, 64)
 REPO = Path(__file__).resolve().parents[1]

@@ -6,12 +6,13 @@ import os
 
 import numpy as np
 import pytest
-from conftest import write_image
 from PIL import Image
 
 from hiercls.data import cache as cache_module
 from hiercls.data.cache import ImageCache, default_cache_dir
 from hiercls.errors import DataError
+
+from conftest import write_image
 
 
 @pytest.fixture

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_DATA, write_image
 from PIL import Image
 
 from hiercls.data import ImageTable, load_images, open_rgb
 from hiercls.data.dataset import write_manifest
 from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import load_taxonomy
+
+from conftest import SAMPLE_DATA, write_image
 
 
 def write_manifest_text(folder: Path, text: str, name: str = "manifest.csv") -> Path:

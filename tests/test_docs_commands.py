@@ -341,7 +341,8 @@ class Workspace:
             rc, output = proc.returncode, proc.stdout + proc.stderr
         TIMINGS.append((block.where, time.monotonic() - started, self.cpu_seconds() - cpu_before))
         if rc != 0:
-            return f"{block.where} ({block.language}) exited {rc}:\n{block.code}\n--- output (last 4000 chars) ---\n{output[-4000:]}"
+            return (f"{block.where} ({block.language}) exited {rc}:\n{block.code}\n"
+                    f"--- output (last 4000 chars) ---\n{output[-4000:]}")
         return None
 
     def cpu_seconds(self) -> float:
@@ -494,7 +495,8 @@ def test_readme_is_two_commands_and_ci_runs_them() -> None:
     .ci/run installs the project exactly as README says and runs README's test command."""
     setup = (REPO_ROOT / "README.md").read_text(encoding="utf-8").split("\n## ")[1]
     assert setup.startswith("Set up")
-    commands = [b.code.strip() for b in runnable(read_blocks(REPO_ROOT / "README.md")) if b.code.strip().startswith(INSTALL_COMMAND)]
+    blocks = runnable(read_blocks(REPO_ROOT / "README.md"))
+    commands = [b.code.strip() for b in blocks if b.code.strip().startswith(INSTALL_COMMAND)]
     assert len(commands) == 2, f"README should have 2 commands starting with the install command, found {commands}"
     job, tests = commands
     assert "hiercls fit" in job and "hiercls evaluate" in job, job
@@ -523,7 +525,8 @@ def test_failing_blocks_are_reported(tmp_path: Path) -> None:
 
 
 def test_hiercls_invocations_are_found_across_continuations_and_chains() -> None:
-    text = "pip install x && hiercls fit --out r \\\n    --epochs 5 && hiercls evaluate --run r  # note\npython -m hiercls plugins\n"
+    text = ("pip install x && hiercls fit --out r \\\n    --epochs 5 && hiercls evaluate --run r  # note\n"
+            "python -m hiercls plugins\n")
     assert hiercls_invocations(text) == [["fit", "--out", "r", "--epochs", "5"], ["evaluate", "--run", "r"], ["plugins"]]
 
 

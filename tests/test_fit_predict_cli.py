@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_smears  # noqa: E402
 
 from hiercls.cli import main
 from hiercls.probabilities import NodeProbabilities
 from hiercls.taxonomy import load_taxonomy
+
+from conftest import write_smears  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LEUKEMIA = REPO / "taxonomy" / "leukemia.yaml"

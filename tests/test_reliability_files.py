@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_image, write_smears
 from PIL import Image
 
 from hiercls.cli import main
@@ -34,6 +33,8 @@ from hiercls.data.coverage import check_training_coverage, training_counts
 from hiercls.data.dataset import DataWarning
 from hiercls.errors import DataError, HierclsWarning
 from hiercls.taxonomy import Taxonomy
+
+from conftest import write_image, write_smears
 
 REPO = Path(__file__).resolve().parents[1]
 HANG_TIMEOUT_S = 120  # generous: the child imports numpy, PIL and scikit-learn on a busy machine

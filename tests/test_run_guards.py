@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import write_smears
 from hiercls.checkpoint import load_training_state, load_weights, save_weights
 from hiercls.cli import main
 from hiercls.errors import CheckpointError, ConfigError
 from hiercls.hookspecs import hookimpl
 from hiercls.plugins import PluginOverrideWarning, check_provenance, get_plugin_manager
+
+from conftest import write_smears
 
 REPO = Path(__file__).resolve().parents[1]
 LEUKEMIA = REPO / "taxonomy" / "leukemia.yaml"
@@ -219,7 +220,7 @@ def test_a_very_deep_taxonomy_gets_a_clear_limit(tmp_path, depth):
 
     tree = "leaf"
     for i in range(depth):
-        tree = "{name: n%d, children: [%s]}" % (i, tree)
+        tree = f"{{name: n{i}, children: [{tree}]}}"
     path = tmp_path / "deep.yaml"
     path.write_text(f"root: r\nchildren: [{tree}, other]\n")
     with pytest.raises(TaxonomyError, match=f"deeper than {MAX_DEPTH} levels"):
@@ -231,7 +232,7 @@ def test_a_deep_but_allowed_taxonomy_loads(tmp_path):
 
     tree = "leaf"
     for i in range(30):
-        tree = "{name: n%d, children: [%s, s%d]}" % (i, tree, i)
+        tree = f"{{name: n{i}, children: [{tree}, s{i}]}}"
     path = tmp_path / "deep.yaml"
     path.write_text(f"root: r\nchildren: [{tree}, other]\n")
     assert load_taxonomy(path).depth("leaf") == 31

@@ -23,8 +23,8 @@ from torch.optim.optimizer import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hiercls.engine import fit
 from hiercls.builtin.strategies import BUILTIN_STRATEGIES as STRATEGIES
+from hiercls.engine import fit
 from hiercls.training import trainer
 
 #: aten ops that make the host wait for the device when their input lives on a GPU.

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from hiercls.builtin.strategies import BUILTIN_STRATEGIES as STRATEGIES
 from hiercls.errors import ConfigError
 from hiercls.probabilities import NodeProbabilities
-from hiercls.builtin.strategies import BUILTIN_STRATEGIES as STRATEGIES
 from hiercls.strategies import (
     HierarchicalClassifier,
     build_strategy,

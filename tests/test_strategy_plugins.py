@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_smears
 from hiercls.cli import main
 from hiercls.errors import ConfigError
 from hiercls.hookspecs import hookimpl
 from hiercls.plugins import get_plugin_manager, strategy_names
 from hiercls.strategies import flat
+
+from conftest import write_smears
 
 REPO = Path(__file__).resolve().parents[1]
 LEUKEMIA = REPO / "taxonomy" / "leukemia.yaml"

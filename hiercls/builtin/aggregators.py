@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from hiercls.aggregate import MeanAggregator, ModeAggregator
 from hiercls.hookspecs import hookimpl

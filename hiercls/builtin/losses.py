@@ -7,7 +7,7 @@ probabilities). With several marks in a row the target is the marked set as a wh
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from hiercls.hookspecs import hookimpl
 from hiercls.strategies import flat, joint, per_level, per_node

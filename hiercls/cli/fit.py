@@ -58,7 +58,8 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, metavar="X", default=S, help="learning rate (default: 3e-4)")
     p.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default=S, help="default: adamw")
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--val-fraction", dest="val_fraction", type=float, metavar="F", default=S, help="grouped validation fraction (default: 0.2)")
+    split.add_argument("--val-fraction", dest="val_fraction", type=float, metavar="F", default=S,
+                       help="grouped validation fraction (default: 0.2)")
     split.add_argument("--fold", type=int, metavar="K", default=S, help="validate on fold K of --folds (grouped k-fold)")
     p.add_argument("--folds", type=int, metavar="N", default=S, help="number of folds, with --fold")
     p.add_argument("--val-every", dest="val_every", type=int, metavar="N", default=S,
@@ -72,11 +73,15 @@ def register(subparsers) -> None:
     p.add_argument("--compile", dest="compile", action="store_true", default=S, help="torch.compile each model (GPU)")
     p.add_argument("--deterministic", action="store_true", default=S,
                    help="CUDA: no cuDNN autotuning or TF32 (bit-stable reruns, slower)")
-    p.add_argument("--group-regex", dest="group_regex", metavar="R", default=S, help="regex on file names giving the group (slide / patient)")
+    p.add_argument("--group-regex", dest="group_regex", metavar="R", default=S,
+                   help="regex on file names giving the group (slide / patient)")
     p.add_argument("--exclude", nargs="+", metavar="NODE", default=S, help="drop these nodes (and their images) from the tree")
-    p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", default=S, help="decoded-image cache (default: $HIERCLS_CACHE or ~/.cache/hiercls)")
-    p.add_argument("--num-workers", dest="num_workers", type=int, metavar="N", default=S, help="threads for decoding images into the cache")
-    p.add_argument("--best-metric", dest="best_metric", choices=("val_hF", "val_accuracy", "val_loss"), default=S, help="default: val_hF")
+    p.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", default=S,
+                   help="decoded-image cache (default: $HIERCLS_CACHE or ~/.cache/hiercls)")
+    p.add_argument("--num-workers", dest="num_workers", type=int, metavar="N", default=S,
+                   help="threads for decoding images into the cache")
+    p.add_argument("--best-metric", dest="best_metric", choices=("val_hF", "val_accuracy", "val_loss"), default=S,
+                   help="default: val_hF")
     p.add_argument("--allow-incomplete-tree", dest="allow_incomplete_tree", action="store_true", default=S,
                    help="train although a decision of the tree has fewer than two children with training "
                         "images (refused by default: that decision cannot be learned)")

@@ -37,7 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="preds.csv", help="predictions CSV to write")
     p.add_argument("--group-regex", dest="group_regex", metavar="R", default=None, help="regex on file names giving the group")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="default: best")
-    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", default=None, help="default: twice the run's batch size")
+    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", default=None,
+                   help="default: twice the run's batch size")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first (pays off for many images on a GPU)")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="default: auto")
     p.add_argument("--decode", choices=("greedy", "best_leaf", "threshold"), default=None, help="default: the run's decode rule")

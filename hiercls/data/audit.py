@@ -37,8 +37,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from hiercls.data.dataset import ImageTable, unknown_label_counts
 from hiercls.data import images as _images
+from hiercls.data.dataset import ImageTable, unknown_label_counts
 from hiercls.data.images import open_rgb_bytes, read_regular_file
 from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import Taxonomy

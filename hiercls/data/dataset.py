@@ -283,6 +283,11 @@ def _read_folder(folder: Path, require_labels: bool):
 # Manifests
 
 
+def _cell(row: list[str], col: int | None) -> str:
+    """The stripped text of column ``col`` of a CSV row ('' when the column is absent)."""
+    return row[col].strip() if col is not None and col < len(row) else ""
+
+
 def _read_manifest(csv_path: Path, require_labels: bool):
     root = Path(os.path.abspath(csv_path.parent))
     data = read_regular_file(csv_path, MAX_MANIFEST_BYTES, what="manifest")  # no FIFO, no endless file
@@ -318,20 +323,19 @@ def _read_manifest(csv_path: Path, require_labels: bool):
     for line_no, row in enumerate(rows[1:], start=2):
         if not row or all(not cell.strip() for cell in row):
             continue  # blank line
-        cell = lambda col: row[col].strip() if col is not None and col < len(row) else ""
-        rel = cell(col_path)
+        rel = _cell(row, col_path)
         if not rel:
             raise DataError(f"{csv_path}:{line_no}: empty path; every row needs a path to an image")
         path = _inside_root(root, rel)
         if path is None:
             outside.append((line_no, rel))
             continue
-        label = cell(col_label) or None
+        label = _cell(row, col_label) or None
         if label is None and require_labels:
             no_label.append(line_no)
         paths.append(path)
         raw_labels.append(label)
-        groups.append(cell(col_group) or None)
+        groups.append(_cell(row, col_group) or None)
         lines.append(line_no)
     if outside:
         shown = ", ".join(f"line {n} ({p})" for n, p in outside[:_MAX_LISTED])

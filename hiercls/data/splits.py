@@ -21,7 +21,14 @@ from hiercls.data.dataset import DataWarning, ImageTable
 from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import Taxonomy
 
-__all__ = ["group_ids", "group_warning", "grouped_kfold", "grouped_train_val_split", "missing_label_warnings", "split_count_table"]
+__all__ = [
+    "group_ids",
+    "group_warning",
+    "grouped_kfold",
+    "grouped_train_val_split",
+    "missing_label_warnings",
+    "split_count_table",
+]
 
 Split = tuple[np.ndarray, np.ndarray]
 

@@ -207,7 +207,9 @@ def _leaf_accuracy(taxonomy: Taxonomy, true_nodes: list[str], predictions: list[
     return float(np.mean([p == t for p, t in pairs])) if pairs else None
 
 
-def validation_metrics(taxonomy: Taxonomy, probs: NodeProbabilities, true_nodes: list[str], decode: str, threshold: float) -> dict[str, Any]:
+def validation_metrics(
+    taxonomy: Taxonomy, probs: NodeProbabilities, true_nodes: list[str], decode: str, threshold: float
+) -> dict[str, Any]:
     """Validation numbers for one epoch: loss, accuracy, hierarchical P/R/F, per-node accuracy.
 
     ``val_loss`` is the mean negative log marginal probability of each image's label node,

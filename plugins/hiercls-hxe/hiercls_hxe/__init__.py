@@ -5,10 +5,9 @@ Use them like any loss (``--loss hxe``); see :mod:`hiercls_hxe.losses` for the m
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from hiercls.hookspecs import hookimpl
-
 from hiercls_hxe.losses import HierarchicalCrossEntropy, SoftLabelCrossEntropy, hxe, soft_labels
 
 __version__ = "0.1.0"

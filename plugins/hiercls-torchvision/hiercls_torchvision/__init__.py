@@ -9,10 +9,9 @@ Weights come only from a local file (a torchvision ``state_dict``).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from hiercls.hookspecs import hookimpl
-
 from hiercls_torchvision.backbones import PAPER_MODELS, PREFIX, create_torchvision_backbone
 
 __version__ = "0.1.0"
