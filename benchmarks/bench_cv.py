@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from rich.console import Console
 
     from hiercls.cv import CVConfig, cell_dir, run_cv
-    from hiercls.inference import use_channels_last
+    from hiercls.runtime import use_channels_last
     from hiercls.taxonomy import load_taxonomy
 
     args = parse_args(argv)

@@ -64,7 +64,7 @@ class Measure:
 
 def benchmark_device(name: str) -> torch.device:
     """The device to measure on, with cuDNN autotuning and TF32 matmuls as ``hiercls fit`` sets them."""
-    from hiercls.inference import configure_backends, resolve_device
+    from hiercls.runtime import configure_backends, resolve_device
 
     device = resolve_device(name)
     configure_backends(device)
@@ -229,7 +229,7 @@ def raw_training(images: torch.Tensor, labels: torch.Tensor, *, backbone: str, n
                  warmup: int, steps: int) -> Measure:
     """The plain timm loop on device-resident uint8 images (no augmentation but a flip)."""
     from hiercls.augment import normalize
-    from hiercls.inference import autocast_context
+    from hiercls.runtime import autocast_context
 
     model = _timm_model(backbone, num_classes, images.shape[1], device, channels_last)
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -267,7 +267,7 @@ def raw_inference(images: torch.Tensor, *, backbone: str, num_classes: int, batc
                   precision: str, channels_last: bool, compile: bool, warmup: int, steps: int) -> Measure:
     """Plain timm forward passes in inference mode on device-resident images."""
     from hiercls.augment import normalize
-    from hiercls.inference import autocast_context
+    from hiercls.runtime import autocast_context
 
     model = _timm_model(backbone, num_classes, images.shape[1], device, channels_last).eval()
     forward = torch.compile(model) if compile else model
@@ -422,7 +422,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every measurement, print the table and return the numbers (also to ``--json``)."""
-    from hiercls.inference import use_channels_last
+    from hiercls.runtime import use_channels_last
     from hiercls.taxonomy import load_taxonomy
 
     args = parse_args(argv)

@@ -1,8 +1,7 @@
 """Model checkpoints (safetensors weights + JSON metadata) and the training state for --resume.
 
-Every file goes through the atomic writers of ``hiercls.io`` (re-exported here so older
-imports keep working): a crash or Ctrl-C mid-write leaves either the old file or the new
-one, never a truncated one.
+Every file goes through the atomic writers of ``hiercls.io``: a crash or Ctrl-C mid-write
+leaves either the old file or the new one, never a truncated one.
 
 A checkpoint is several files (weights, metadata, training state) that must belong together,
 so they are saved in two phases: each new file is first written beside the old one as
@@ -33,15 +32,10 @@ from hiercls.io import (
     atomic_write,
     atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
     read_user_text,
 )
 
 __all__ = [
-    "atomic_write",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_write_json",
     "non_finite_tensors",
     "save_weights",
     "load_weights",

@@ -99,6 +99,9 @@ class CVConfig(BaseModel):
     # Table 4's rows: row name -> node(s) pooled into one class (the paper's "AML+APML");
     # None = one row per node of the tree. Tables only: may change between invocations.
     table4_rows: dict[str, str | list[str]] | None = None
+    # The comparison table: every other strategy against this one, same backbone, paired on the
+    # same held-out images (bootstrap CI of the difference, McNemar). Tables only.
+    reference: str = "flat"
 
     _source: str | None = PrivateAttr(default=None)
     _train_seed: int | None = PrivateAttr(default=None)
@@ -817,6 +820,51 @@ def _cell_labels(run_dir: Path, taxonomy) -> tuple[list[str], list[str]] | None:
     return [preds.labels[i] for i in keep], [preds.predictions[i] for i in keep]
 
 
+def _paired_folds(config: CVConfig, cells, taxonomy, out: Path, reference: str, strategy: str, backbone: str):
+    """Rows of both models on the same held-out images, pooled over the folds both finished:
+    (labels, reference's predictions, the strategy's predictions, groups or None, folds used)."""
+    from hiercls.predictions import read_predictions_csv
+
+    labels, pred_a, pred_b, groups, used = [], [], [], [], 0
+    for k in range(config.folds):
+        paths = [cell_dir(out, s, backbone, k) / "predictions.csv" for s in (reference, strategy)]
+        if (reference, backbone, k) not in cells or (strategy, backbone, k) not in cells or not all(
+                p.is_file() for p in paths):
+            continue
+        a, b = (read_predictions_csv(p, taxonomy) for p in paths)
+        rows_b = {path: i for i, path in enumerate(b.paths)}
+        for i, path in enumerate(a.paths):
+            j = rows_b.get(path)
+            if j is None or a.labels[i] is None:
+                continue
+            labels.append(a.labels[i])
+            pred_a.append(a.predictions[i])
+            pred_b.append(b.predictions[j])
+            groups.append(a.groups[i])  # a group is in one fold only: the folds need no prefix
+        used += 1
+    # with groups, slides are resampled (an image without one is its own); without, images
+    return labels, pred_a, pred_b, (groups if any(g is not None for g in groups) else None), used
+
+
+def _comparisons(config: CVConfig, cells, taxonomy, out: Path) -> list[dict[str, Any]]:
+    """Each strategy against ``config.reference`` (same backbone), paired and pooled over folds."""
+    from hiercls.stats import paired_comparison
+
+    if config.reference not in config.strategies:
+        return []
+    table = []
+    for backbone in config.backbones:
+        for strategy in (s for s in config.strategies if s != config.reference):
+            labels, pred_a, pred_b, groups, used = _paired_folds(config, cells, taxonomy, out, config.reference,
+                                                                  strategy, backbone)
+            if not labels:
+                continue
+            result = paired_comparison(taxonomy, labels, pred_a, pred_b, groups=groups)
+            table.append({"strategy": strategy, "backbone": backbone, "reference": config.reference,
+                          "folds": used, **result})
+    return table
+
+
 def _table4(config: CVConfig, cells, taxonomy, out: Path) -> list[dict[str, Any]]:
     """Per-class P/R/F1 per model: mean ± std over folds and pooled over folds (summed counts)."""
     from hiercls.metrics import prf_counts, prf_from_counts
@@ -887,6 +935,7 @@ def build_tables(
         "table3_end_to_end": pick("end_to_end"),
         "depth_accuracy": pick("depths"),
         "table4": _table4(config, cells, taxonomy, Path(out or config.out)),
+        "comparison": _comparisons(config, cells, taxonomy, Path(out or config.out)),
     }
 
 
@@ -954,6 +1003,31 @@ def _table3_lines(tables: dict[str, Any], level_title: dict[str, str], folds: in
     return lines
 
 
+def _comparison_lines(tables: dict[str, Any]) -> list[str]:
+    """Each strategy against the reference, paired on the same images and pooled over folds."""
+    rows = tables.get("comparison") or []
+    if not rows:
+        return []
+    first = rows[0]["bootstrap"]
+    lines = [f"## Does the tree pay? Each strategy against {rows[0]['reference']}, same backbone", "",
+             f"Paired on the same held-out images, pooled over the folds both finished; difference = strategy − "
+             f"{rows[0]['reference']}, 95 % {first['method']} CI ({first['resamples']} resamples over "
+             f"{first['unit']}s, seed {first['seed']}); McNemar's exact test on images labelled at a leaf "
+             "(b: only the reference right, c: only the strategy right). See docs/statistics.md.", "",
+             "| model | images | metric | reference | strategy | difference | 95 % CI | McNemar b / c, p |",
+             "|---|---:|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        test = r["mcnemar"]
+        for i, (name, m) in enumerate(r["metrics"].items()):
+            ci = "–" if m["low"] is None else f"[{m['low']:+.3f}, {m['high']:+.3f}]"
+            diff = "–" if m["difference"] is None else f"{m['difference']:+.3f}"
+            model = f"{r['strategy']} / {r['backbone']}" if i == 0 else ""
+            images = str(r["n_images"]) if i == 0 else ""
+            mcnemar = f"{test['b']} / {test['c']}, p = {test['p_value']:.3g}" if i == 0 else ""
+            lines.append(f"| {model} | {images} | {name} | {_fmt(m['A'])} | {_fmt(m['B'])} | {diff} | {ci} | {mcnemar} |")
+    return lines + [""]
+
+
 def _table4_lines(tables: dict[str, Any], folds: int) -> list[str]:
     """Table 4: per model, each row's P/R/F1 as the fold mean ± std and pooled over the folds."""
     lines = ["## Table 4: per-class precision / recall / F1, image level", "",
@@ -1019,6 +1093,7 @@ def render_tables_markdown(tables: dict[str, Any]) -> str:
                   "|---|" + "---:|" * len(cuts)]
         lines += _mean_std_rows(rows, folds) + [""]
     lines += _table4_lines(tables, folds)
+    lines += _comparison_lines(tables)
     return "\n".join(lines) + "\n"
 
 

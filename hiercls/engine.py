@@ -44,17 +44,12 @@ from hiercls.augment import BatchAugment
 from hiercls.config import FitConfig
 from hiercls.data.coverage import check_training_coverage
 from hiercls.errors import ConfigError, DataError
-from hiercls.inference import (
-    build_model,
-    configure_backends,
-    normalization_stats,
-    resolve_device,
-    use_channels_last,
-)
+from hiercls.inference import build_model, normalization_stats
 from hiercls.run import RunPaths, check_run_dir
+from hiercls.runtime import configure_backends, resolve_device, use_channels_last
 from hiercls.taxonomy import Taxonomy, load_taxonomy
 from hiercls.training.run_folder import RunFolder, open_run_folder, restore_last
-from hiercls.training.trainer import (  # noqa: F401 - older names of the loop's parts, kept importable here
+from hiercls.training.trainer import (
     CHECK_EVERY,
     Callback,
     Dist,
@@ -63,16 +58,9 @@ from hiercls.training.trainer import (  # noqa: F401 - older names of the loop's
     TrainingData,
     TrainingError,
     TrainingUnit,
-    _batches,
-    _is_better,
-    _optimizer,
-    _scheduler,
-    _shard_rows,
     build_units,
     validation_metrics,
 )
-
-_Dist, _Unit, _StopFlag = Dist, TrainingUnit, StopFlag  # their names before hiercls.training
 
 __all__ = ["fit", "RunResult", "TrainingError", "TrainingSource", "validation_metrics", "CHECK_EVERY"]
 

@@ -8,8 +8,6 @@ batches and returns ``NodeProbabilities``, the object every downstream step take
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from hiercls.io import RUN_FILE_BYTES, load_yaml, read_user_text
 from hiercls.plugins import check_run_provenance
 from hiercls.probabilities import NodeProbabilities
 from hiercls.run import START_AGAIN, RunPaths
+from hiercls.runtime import autocast_context, configure_backends, resolve_device, use_channels_last
 from hiercls.taxonomy import Taxonomy
 
 __all__ = [
@@ -44,11 +43,7 @@ __all__ = [
     "predict_images",
     "predict_conditionals",
     "decode",
-    "resolve_device",
-    "autocast_context",
-    "configure_backends",
     "normalization_stats",
-    "use_channels_last",
     "build_model",
     "read_run_split",
     "run_image_warnings",
@@ -56,53 +51,6 @@ __all__ = [
 
 # split.json lists two paths per image; a bigger file is not one hiercls wrote.
 MAX_SPLIT_BYTES = 512 * 1024 * 1024
-
-
-# -- device helpers shared with the training loop ------------------------------------------
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; an unavailable cuda is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)"
-            )
-        return device
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
-    return torch.device(name)
-
-
-def configure_backends(device: torch.device, deterministic: bool = False) -> None:
-    """cuDNN autotuning and TF32 matmuls on CUDA, unless bit-stable reruns are asked for."""
-    if device.type != "cuda":
-        return
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cuda.matmul.allow_tf32 = not deterministic
-    torch.backends.cudnn.allow_tf32 = not deterministic
-    if deterministic:
-        # cuBLAS reads this when it starts; torch warns where an op has no deterministic kernel
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def autocast_context(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA (or when asked for), plain fp32 otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def use_channels_last(setting: bool | str, device: torch.device) -> bool:
-    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 def normalization_stats(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -8,9 +8,6 @@ import pytest
 import torch
 
 from hiercls.checkpoint import (
-    atomic_write,
-    atomic_write_json,
-    atomic_write_text,
     load_training_state,
     load_weights,
     read_metadata,
@@ -20,6 +17,7 @@ from hiercls.checkpoint import (
     weights_checkpoint_id,
 )
 from hiercls.errors import CheckpointError
+from hiercls.io import atomic_write, atomic_write_json, atomic_write_text
 
 
 def test_atomic_write_replaces_content(tmp_path):

@@ -17,6 +17,7 @@ from hiercls.cli import build_parser, main
 from hiercls.cli.cv import overrides_from_args
 from hiercls.cv import cell_dir, load_cv_config, run_cv, safe_name
 from hiercls.errors import ConfigError, TaxonomyError
+from hiercls.taxonomy import load_taxonomy
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ("Normal", "Reactive", "ALL", "CML")
@@ -514,3 +515,28 @@ def test_table1_config_validates_without_training():
         assert fit.optimizer == "adam" and fit.loss in ("focal", "weighted_ce") and fit.img_size == 384
         assert fit.pretrained is not None and safe_name(backbone) in str(fit.pretrained).replace("/", "_")
     assert len(cv._table_taxonomy(table1).leaves) == 7
+
+
+def test_comparison_table_pairs_each_strategy_with_the_reference_on_the_same_images(finished: Path):
+    """joint against flat, pooled over both folds: McNemar's counts recomputed from the cells' CSVs."""
+    from hiercls.predictions import read_predictions_csv
+
+    tables = read_json(finished / "tables.json")
+    (row,) = tables["comparison"]
+    assert (row["strategy"], row["reference"], row["folds"]) == ("joint", "flat", 2)
+    taxonomy = load_taxonomy(finished.parent / "mini.yaml")
+    only_flat = only_joint = images = 0
+    for fold in range(2):
+        flat = read_predictions_csv(cell_dir(finished, "flat", BACKBONE, fold) / "predictions.csv", taxonomy)
+        joint = read_predictions_csv(cell_dir(finished, "joint", BACKBONE, fold) / "predictions.csv", taxonomy)
+        joint_pred = dict(zip(joint.paths, joint.predictions))
+        for path, label, pred in zip(flat.paths, flat.labels, flat.predictions):
+            images += 1
+            only_flat += pred == label != joint_pred[path]
+            only_joint += joint_pred[path] == label != pred
+    assert row["n_images"] == images
+    assert (row["mcnemar"]["b"], row["mcnemar"]["c"]) == (only_flat, only_joint)
+    assert row["bootstrap"]["unit"] == "group"  # slides are resampled, not images
+    accuracy = row["metrics"]["accuracy"]
+    assert accuracy["difference"] == pytest.approx(accuracy["B"] - accuracy["A"])
+    assert "Does the tree pay?" in (finished / "tables.md").read_text(encoding="utf-8")

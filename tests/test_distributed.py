@@ -115,7 +115,8 @@ def test_global_batch_must_divide_over_processes(dataset, monkeypatch, capsys):
 
 
 def test_shards_are_disjoint_and_cover_the_batch():
-    from hiercls.engine import _batches, _Dist, _shard_rows
+    from hiercls.training.trainer import Dist as _Dist
+    from hiercls.training.trainer import _batches, _shard_rows
 
     for size in (8, 7, 5):
         rows = [_shard_rows(size, _Dist(world=2, rank=r)).tolist() for r in range(2)]

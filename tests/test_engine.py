@@ -18,6 +18,7 @@ from hiercls.engine import TrainingError, fit
 from hiercls.errors import ConfigError
 from hiercls.inference import load_run
 from hiercls.run import prepare_run_dir
+from hiercls.training import trainer
 
 REPO = Path(__file__).resolve().parents[1]
 LEUKEMIA = REPO / "taxonomy" / "leukemia.yaml"
@@ -123,24 +124,24 @@ def test_colour_jitter_changes_colour_within_range():
 
 def test_epochs_take_full_batches_only():
     # one batch shape per unit: a compiled model never sees a second size
-    assert engine._batches(17, 8) == 2  # 8 + 8; the leftover image is another one next epoch
-    assert engine._batches(23, 8) == 2
-    assert engine._batches(24, 8) == 3
+    assert trainer._batches(17, 8) == 2  # 8 + 8; the leftover image is another one next epoch
+    assert trainer._batches(23, 8) == 2
+    assert trainer._batches(24, 8) == 3
 
 
 def test_a_unit_smaller_than_one_batch_trains_on_all_its_images():
-    assert engine._batches(5, 8) == 1
-    assert engine._batches(2, 8) == 1
-    assert engine._batches(1, 8) == 0  # BatchNorm needs two images
-    assert engine._batches(0, 8) == 0
-    assert engine._batches(3, 8, min_last=4) == 0  # two processes need two images each
+    assert trainer._batches(5, 8) == 1
+    assert trainer._batches(2, 8) == 1
+    assert trainer._batches(1, 8) == 0  # BatchNorm needs two images
+    assert trainer._batches(0, 8) == 0
+    assert trainer._batches(3, 8, min_last=4) == 0  # two processes need two images each
 
 
 def test_cosine_schedule_with_warmup(tmp_path):
     config = load_config(None, {"taxonomy": "t", "data": "d", "out": "o", "epochs": 4, "warmup_epochs": 1, "lr": 1.0})
     param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = engine._optimizer(config, [param])
-    scheduler = engine._scheduler(config, optimizer, steps_per_epoch=10)
+    optimizer = trainer._optimizer(config, [param])
+    scheduler = trainer._scheduler(config, optimizer, steps_per_epoch=10)
     lrs = []
     for _ in range(40):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -186,20 +187,6 @@ def test_resume_two_plus_one_epochs_equals_three(smears, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     drop_time = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_second", "elapsed_seconds")}  # noqa: E731
     assert [drop_time(r) for r in metrics_of(tmp_path / "straight")] == [drop_time(r) for r in metrics_of(tmp_path / "resumed")]
-
-
-def test_a_training_state_of_hiercls_0_1_0_still_resumes(smears, tmp_path):
-    """0.1.0 kept torch's host random state as a bare tensor; now a dict (host and CUDA)."""
-    fit(make_config(smears, tmp_path / "straight", epochs=3, scheduler="none"), progress=False)
-    fit(make_config(smears, tmp_path / "old", epochs=2, scheduler="none"), progress=False)
-    state_path = tmp_path / "old" / "checkpoints" / "last.state.pt"
-    state = torch.load(state_path, weights_only=False)
-    assert set(state["torch_rng"]) == {"cpu"}
-    state["torch_rng"] = state["torch_rng"]["cpu"]
-    torch.save(state, state_path)
-    fit(make_config(smears, tmp_path / "old", epochs=3, scheduler="none"), resume=True, progress=False)
-    straight, old = state_of(tmp_path / "straight"), state_of(tmp_path / "old")
-    assert all(torch.equal(straight[k], old[k]) for k in straight)
 
 
 def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted(smears, tmp_path):
@@ -288,7 +275,7 @@ def test_loaded_run_reproduces_validation_predictions(smears, tmp_path):
     rows = [i for i, p in enumerate(table.paths) if str(p) in val]
     probs = predict_table(loaded, table.subset(rows), progress=False, device="cpu")
     true = [table.labels[i] for i in rows]
-    again = engine.validation_metrics(loaded.taxonomy, probs, true, "greedy", 0.5)
+    again = trainer.validation_metrics(loaded.taxonomy, probs, true, "greedy", 0.5)
     logged = metrics_of(run)[-1]
     assert again["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-9)
     assert again["val_hF"] == pytest.approx(logged["val_hF"])
@@ -323,10 +310,10 @@ def test_host_syncs_only_every_check_interval(smears, tmp_path, monkeypatch):
 
 def test_optimizer_kernels_follow_the_device():
     config = load_config(None, {"taxonomy": "t", "data": "d", "out": "o"})
-    cpu = engine._optimizer(config, [torch.nn.Parameter(torch.zeros(2))])
+    cpu = trainer._optimizer(config, [torch.nn.Parameter(torch.zeros(2))])
     assert isinstance(cpu, torch.optim.AdamW) and not cpu.defaults.get("fused")
     if torch.cuda.is_available():
-        gpu = engine._optimizer(config, [torch.nn.Parameter(torch.zeros(2, device="cuda"))])
+        gpu = trainer._optimizer(config, [torch.nn.Parameter(torch.zeros(2, device="cuda"))])
         assert gpu.defaults.get("fused") is True
 
 

@@ -294,7 +294,7 @@ def test_non_finite_weights_stop_the_run_before_anything_is_saved(smears, tmp_pa
 
 
 def test_a_nan_validation_loss_is_never_the_best_epoch():
-    from hiercls.engine import _is_better
+    from hiercls.training.trainer import _is_better
 
     assert not _is_better("val_loss", float("nan"), None)
     assert not _is_better("val_hF", float("nan"), 0.1)

@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     from hiercls.augment import normalize
     from hiercls.data.cache import decode_resized
     from hiercls.explain import gradcam_per_level, render_panel
-    from hiercls.inference import load_run, normalization_stats, resolve_device
+    from hiercls.inference import load_run, normalization_stats
+    from hiercls.runtime import resolve_device
 
     console = Console()
     err = Console(stderr=True)

@@ -150,12 +150,10 @@ def _complete_attributes(model: nn.Module, name: str, plugin: str, image_size: i
             f"(got {num_features!r}); the plugin must set it"
         )
     if not hasattr(model, "gradcam_layer"):
-        layer = getattr(model, "feature_layer", None)  # older spelling accepted from plugins
-        if not isinstance(layer, nn.Module):
-            layer = find_gradcam_layer(model, (3, image_size, image_size) if image_size else None)
+        layer = find_gradcam_layer(model, (3, image_size, image_size) if image_size else None)
         _set_plain(model, "gradcam_layer", layer)
     if not hasattr(model, "is_token_model"):
-        _set_plain(model, "is_token_model", bool(getattr(model, "is_vit", False)))
+        _set_plain(model, "is_token_model", False)
     _set_plain(model, "num_prefix_tokens", int(getattr(model, "num_prefix_tokens", 0) or 0))
     return model
 

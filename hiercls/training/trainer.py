@@ -30,8 +30,9 @@ import torch
 from hiercls.augment import BatchAugment
 from hiercls.config import FitConfig
 from hiercls.errors import HierclsError
-from hiercls.inference import autocast_context, predict_conditionals
+from hiercls.inference import predict_conditionals
 from hiercls.probabilities import NodeProbabilities
+from hiercls.runtime import autocast_context
 from hiercls.taxonomy import Taxonomy
 
 __all__ = [
@@ -396,9 +397,7 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def _restore_rng(state: dict[str, torch.Tensor] | torch.Tensor, device: torch.device) -> None:
-    if isinstance(state, torch.Tensor):  # checkpoints of hiercls 0.1.0 kept the host state only
-        state = {"cpu": state}
+def _restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
