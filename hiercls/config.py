@@ -39,6 +39,17 @@ def check_regex(value: str | None) -> str | None:
     return value
 
 
+def check_strategy(value: str) -> str:
+    """A pydantic validator body: ``value`` must be a registered strategy (built-in or plugin)."""
+    from hiercls.plugins import find_strategy
+
+    try:
+        find_strategy(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 class AugmentConfig(BaseModel):
     """Training-time augmentation, applied on the device to whole batches.
 
@@ -137,13 +148,7 @@ class FitConfig(BaseModel):
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, value: str) -> str:
-        from hiercls.plugins import find_strategy
-
-        try:
-            find_strategy(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return check_strategy(value)
 
     @field_validator("group_regex")
     @classmethod

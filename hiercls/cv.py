@@ -36,7 +36,7 @@ from pydantic import (
 from rich.console import Console
 from rich.table import Table
 
-from hiercls.config import FitConfig, check_regex, read_config_file
+from hiercls.config import FitConfig, check_regex, check_strategy, read_config_file
 from hiercls.errors import CheckpointError, ConfigError, DataError
 from hiercls.io import YamlTooLarge, atomic_write_json, atomic_write_text, json_ready, load_yaml, read_user_text
 from hiercls.metrics import cut_classes
@@ -117,14 +117,7 @@ class CVConfig(BaseModel):
     @field_validator("strategies")
     @classmethod
     def _registered_strategies(cls, value: list[str]) -> list[str]:
-        from hiercls.plugins import find_strategy
-
-        for name in value:
-            try:
-                find_strategy(name)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return [check_strategy(name) for name in value]
 
     @field_validator("seeds")
     @classmethod
