@@ -296,6 +296,7 @@ def hiercls_training(args: argparse.Namespace, data: Path, taxonomy: Path, out: 
                      device: torch.device) -> tuple[Measure, dict[str, Any]]:
     """``engine.fit`` (joint) timed over steady-state steps through the ``on_step`` hook."""
     from hiercls import engine
+    from hiercls.training import trainer
     from hiercls.config import load_config
 
     config = load_config(None, {
@@ -311,7 +312,7 @@ def hiercls_training(args: argparse.Namespace, data: Path, taxonomy: Path, out: 
     sizes: dict[str, list[int]] = {}
     for unit in model.training_units():
         count = int(unit.sample_mask(labels).sum())
-        steps = engine._batches(count, config.batch_size)
+        steps = trainer._batches(count, config.batch_size)
         sizes[unit.name] = [min(config.batch_size, count - s * config.batch_size) for s in range(steps)]
     per_epoch = sum(len(v) for v in sizes.values())
     if per_epoch < 2:
