@@ -296,8 +296,8 @@ def hiercls_training(args: argparse.Namespace, data: Path, taxonomy: Path, out: 
                      device: torch.device) -> tuple[Measure, dict[str, Any]]:
     """``engine.fit`` (joint) timed over steady-state steps through the ``on_step`` hook."""
     from hiercls import engine
-    from hiercls.training import trainer
     from hiercls.config import load_config
+    from hiercls.training import trainer
 
     config = load_config(None, {
         "taxonomy": str(taxonomy), "data": str(data), "out": str(out), "strategy": args.strategy,
