@@ -8,7 +8,7 @@ For N images, ``NodeProbabilities`` holds
   root = 1 and every parent equals the sum of its children.
 
 Decoding, metrics, group aggregation and reports take this object and nothing
-strategy-specific (DESIGN.md, "The one representation everything shares").
+strategy-specific (docs/architecture.md, "The shared output").
 """
 
 from __future__ import annotations
