@@ -152,14 +152,19 @@ def render_markdown(
                   "as itself), the classes a flat classifier of that granularity would have.", ""]
         lines += _table(["depth", "classes", "accuracy"] + ([group_accuracy] if groups else []), depth_rows)
 
-    lines += ["## Per-level accuracy", "", "Accuracy of each decision among the images labelled below it.", ""]
+    lines += ["## Per-level accuracy", "",
+              "Each decision among the images labelled below it: on its own subtree (`decision_accuracy`, the "
+              "most probable child whatever happened above; the paper's Table 3) and end to end (read off "
+              "the final prediction, so a routing error higher up counts as a miss).", ""]
     level_rows = []
+    own = metrics.get("decision_accuracy") or {}
     for node, value in (metrics.get("per_level_accuracy") or {}).items():
-        row = [_decision_name(taxonomy, node), (decision_counts or {}).get(node, "–"), value]
+        row = [_decision_name(taxonomy, node), (decision_counts or {}).get(node, "–"), own.get(node), value]
         if groups:
             row.append((groups.get("per_level_accuracy") or {}).get(node))
         level_rows.append(row)
-    lines += _table(["decision", "images", "accuracy"] + ([group_accuracy] if groups else []), level_rows)
+    lines += _table(["decision", "images", "own subtree", "end to end"]
+                    + ([f"end to end, {group_accuracy}"] if groups else []), level_rows)
 
     lines += ["## Per-class precision, recall, F1", "",
               "An image belongs to a node when its label lies at or under it.", ""]

@@ -60,6 +60,7 @@ def test_metrics_json_report_and_figures(tax, preds_csv, tmp_path, capsys):
     assert metrics["hF"] == pytest.approx(expected["hF"])
     report = (out / "report.md").read_text()
     assert "Per-level accuracy" in report and "Leukemia: Acute vs Chronic" in report
+    assert "| own subtree | end to end |" in report  # the paper's Table 3 reading beside the end-to-end one
     assert "## Accuracy at each depth" in report and set(metrics["depth_accuracy"]) == {"1", "2", "3"}
     assert (out / "confusion_leaves.png").stat().st_size > 0
     assert (out / "confusion_at_Acute.png").exists()

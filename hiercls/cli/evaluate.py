@@ -259,8 +259,11 @@ def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> No
             rows.append((f"accuracy, tree cut at depth {depth}",
                          lambda m, depth=depth: (m.get("depth_accuracy") or {}).get(depth)))
     for node, value in metrics["per_level_accuracy"].items():
-        rows.append((f"acc {node}: " + " vs ".join(taxonomy.children(node)),
-                     lambda m, node=node: m["per_level_accuracy"].get(node)))
+        decision = f"{node}: " + " vs ".join(taxonomy.children(node))
+        if metrics.get("decision_accuracy"):
+            rows.append((f"acc {decision} (own subtree)",
+                         lambda m, node=node: (m.get("decision_accuracy") or {}).get(node)))
+        rows.append((f"acc {decision} (end to end)", lambda m, node=node: m["per_level_accuracy"].get(node)))
     for name, get in rows:
         cells = [_fmt(get(metrics))] + ([_fmt(get(groups))] if groups else [])
         table.add_row(name, *cells)
