@@ -122,9 +122,18 @@ class BoundedSafeLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with alias expansion bounded (raises ``YamlTooLarge``, a ValueError)."""
-    return yaml.load(text, Loader=BoundedSafeLoader)
+def load_yaml(text: str, loader: type[BoundedSafeLoader] = BoundedSafeLoader) -> Any:
+    """``yaml.safe_load`` with alias expansion bounded (raises ``YamlTooLarge``, a ValueError).
+
+    ``loader`` must be ``BoundedSafeLoader`` or a subclass: safe constructors only.
+    """
+    if not (isinstance(loader, type) and issubclass(loader, BoundedSafeLoader)):
+        raise TypeError(f"{loader!r} is not a BoundedSafeLoader")
+    reader = loader(text)
+    try:
+        return reader.get_single_data()
+    finally:
+        reader.dispose()
 
 
 def default_file_mode() -> int:

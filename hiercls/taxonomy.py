@@ -42,7 +42,7 @@ from pydantic import (
 )
 
 from hiercls.errors import DataError, TaxonomyError
-from hiercls.io import BoundedSafeLoader, YamlTooLarge, read_user_text, yaml_error_message
+from hiercls.io import BoundedSafeLoader, YamlTooLarge, load_yaml, read_user_text, yaml_error_message
 
 __all__ = ["NodeSpec", "Taxonomy", "TaxonomySpec", "TaxonomyWarning", "UnknownNodeError", "load_taxonomy"]
 
@@ -223,7 +223,7 @@ def load_taxonomy(path: str | Path) -> Taxonomy:
     path = Path(path)
     text = read_user_text(path, "taxonomy file", TaxonomyError, max_bytes=MAX_FILE_BYTES)
     try:
-        data = yaml.load(text, Loader=_BoundedLineLoader)
+        data = load_yaml(text, _BoundedLineLoader)
     except yaml.YAMLError as exc:
         raise TaxonomyError(yaml_error_message(path, exc)) from None
     except YamlTooLarge as exc:
