@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_reliability_runs import fit_args as reliability_fit_args
 from torch import nn
 
 from hiercls.checkpoint import load_training_state, load_weights, save_weights
@@ -34,12 +35,8 @@ def smears(tmp_path_factory) -> Path:
 
 
 def fit_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(out), "--backbone", "test_resnet",
-        "--img-size", "16", "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--seed", "7",
-        "--group-regex", r"^(slide\d)_", "--val-fraction", "0.25", "--cache-dir", str(out.parent / "cache"),
-        "--no-progress", "--allow-incomplete-tree", *extra,
-    ]
+    """The reliability tests' fit command, two epochs (a later option wins over an earlier one)."""
+    return reliability_fit_args(data, out, "--epochs", "2", *extra)
 
 
 @pytest.fixture(scope="module")
