@@ -88,7 +88,9 @@ class CVConfig(BaseModel):
     seeds: list[int] | None = Field(None, min_length=1)
     group_regex: str | None = None
     exclude: list[str] = Field(default_factory=list)
-    strategies: list[str] = Field(  # registered strategies (hiercls.plugins.strategy_names)
+    # Registered strategies (hiercls.plugins.strategy_names); ``strategy+loss`` trains that strategy
+    # with another registered loss than fit.loss (e.g. ``joint+hxe``), as a model of its own.
+    strategies: list[str] = Field(
         default_factory=lambda: ["flat", "per_node", "joint"], min_length=1
     )
     backbones: list[str] = Field(default_factory=lambda: ["resnet18"], min_length=1)
@@ -117,7 +119,12 @@ class CVConfig(BaseModel):
     @field_validator("strategies")
     @classmethod
     def _registered_strategies(cls, value: list[str]) -> list[str]:
-        return [check_strategy(name) for name in value]
+        for name in value:
+            strategy, loss = split_model(name)
+            check_strategy(strategy)
+            if loss is not None:
+                _check_loss(name, loss)
+        return value
 
     @field_validator("seeds")
     @classmethod
@@ -234,9 +241,16 @@ class CVConfig(BaseModel):
             )
         return options
 
-    def fit_config(self, strategy: str, backbone: str, fold: int) -> FitConfig:
-        """The ``FitConfig`` of one cell: the shared ``fit:`` options plus what the grid sets."""
+    def fit_config(self, model: str, backbone: str, fold: int) -> FitConfig:
+        """The ``FitConfig`` of one cell: the shared ``fit:`` options plus what the grid sets.
+
+        ``model`` is an entry of ``strategies``: a strategy, or ``strategy+loss``.
+        """
+        strategy, loss = split_model(model)
         options = {k: v for k, v in self.fit.items() if k != "pretrained"}
+        if loss is not None and loss != options.get("loss", FitConfig.model_fields["loss"].default):
+            # fit.loss_options belong to fit.loss; a model that names another loss takes its defaults
+            options.update(loss=loss, loss_options={})
         # The tables score each cell's last checkpoint, so validating every epoch would only
         # draw learning curves; by default a cell validates once, after its last epoch.
         options.setdefault("val_every", options.get("epochs", FitConfig.model_fields["epochs"].default))
@@ -244,7 +258,7 @@ class CVConfig(BaseModel):
         if "strategy_options" in options:
             options["strategy_options"] = self.strategy_options_for(strategy)
         options.update(
-            taxonomy=self.taxonomy, data=self.data, out=cell_dir(self.out, strategy, backbone, fold),
+            taxonomy=self.taxonomy, data=self.data, out=cell_dir(self.out, model, backbone, fold),
             strategy=strategy, backbone=backbone, fold=fold, folds=self.folds, seed=self.seed,
             group_regex=self.group_regex, exclude=list(self.exclude),
             pretrained=pretrained,
@@ -292,6 +306,24 @@ class CVConfig(BaseModel):
                                      "group_by_available")} | {"fit": fit} | (
             # only when set, so an OUT folder written before the option existed still continues
             {"group_scoring": self.group_scoring} if self.group_scoring != "groups" else {})
+
+
+def split_model(name: str) -> tuple[str, str | None]:
+    """A grid model name as (strategy, loss): ``joint+hxe`` -> ("joint", "hxe"); ``flat`` -> ("flat", None)."""
+    strategy, plus, loss = name.partition("+")
+    if plus and (not strategy.strip() or not loss.strip()):
+        raise ValueError(f"'{name}': write a strategy with another loss as strategy+loss, e.g. joint+hxe")
+    return strategy.strip(), (loss.strip() if plus else None)
+
+
+def _check_loss(model: str, loss: str) -> None:
+    """A pydantic validator body: the loss of ``strategy+loss`` must be registered (built-in or plugin)."""
+    from hiercls.plugins import find_loss
+
+    try:
+        find_loss(loss)
+    except ConfigError as exc:
+        raise ValueError(f"'{model}': {exc}") from None
 
 
 def safe_name(name: str) -> str:
@@ -813,12 +845,14 @@ def _cell_labels(run_dir: Path, taxonomy) -> tuple[list[str], list[str]] | None:
     return [preds.labels[i] for i in keep], [preds.predictions[i] for i in keep]
 
 
-def _paired_folds(config: CVConfig, cells, taxonomy, out: Path, reference: str, strategy: str, backbone: str):
+def _paired_folds(config: CVConfig, cells, taxonomy, out: Path, reference: str, strategy: str, backbone: str,
+                  keep_paths: bool = False):
     """Rows of both models on the same held-out images, pooled over the folds both finished:
-    (labels, reference's predictions, the strategy's predictions, groups or None, folds used)."""
+    (labels, reference's predictions, the strategy's predictions, groups or None, folds used),
+    and the images' paths when ``keep_paths``."""
     from hiercls.predictions import read_predictions_csv
 
-    labels, pred_a, pred_b, groups, used = [], [], [], [], 0
+    labels, pred_a, pred_b, groups, used, paths_used = [], [], [], [], 0, []
     for k in range(config.folds):
         paths = [cell_dir(out, s, backbone, k) / "predictions.csv" for s in (reference, strategy)]
         if (reference, backbone, k) not in cells or (strategy, backbone, k) not in cells or not all(
@@ -834,9 +868,11 @@ def _paired_folds(config: CVConfig, cells, taxonomy, out: Path, reference: str, 
             pred_a.append(a.predictions[i])
             pred_b.append(b.predictions[j])
             groups.append(a.groups[i])  # a group is in one fold only: the folds need no prefix
+            paths_used.append(path)
         used += 1
     # with groups, slides are resampled (an image without one is its own); without, images
-    return labels, pred_a, pred_b, (groups if any(g is not None for g in groups) else None), used
+    found = labels, pred_a, pred_b, (groups if any(g is not None for g in groups) else None), used
+    return (*found, paths_used) if keep_paths else found
 
 
 def _comparisons(config: CVConfig, cells, taxonomy, out: Path) -> list[dict[str, Any]]:
@@ -996,14 +1032,14 @@ def _table3_lines(tables: dict[str, Any], level_title: dict[str, str], folds: in
     return lines
 
 
-def _comparison_lines(tables: dict[str, Any]) -> list[str]:
-    """Each strategy against the reference, paired on the same images and pooled over folds."""
+def _comparison_lines(tables: dict[str, Any], pooled: str = "the folds both finished") -> list[str]:
+    """Each strategy against the reference, paired on the same images and pooled over ``pooled``."""
     rows = tables.get("comparison") or []
     if not rows:
         return []
     first = rows[0]["bootstrap"]
     lines = [f"## Does the tree pay? Each strategy against {rows[0]['reference']}, same backbone", "",
-             f"Paired on the same held-out images, pooled over the folds both finished; difference = strategy − "
+             f"Paired on the same held-out images, pooled over {pooled}; difference = strategy − "
              f"{rows[0]['reference']}, 95 % {first['method']} CI ({first['resamples']} resamples over "
              f"{first['unit']}s, seed {first['seed']}); McNemar's exact test on images labelled at a leaf "
              "(b: only the reference right, c: only the strategy right). See docs/statistics.md.", "",
@@ -1102,33 +1138,75 @@ def write_tables(config: CVConfig, out: str | Path | None = None) -> tuple[Path,
 # -- several training seeds -----------------------------------------------------------------
 
 
-def build_seed_tables(config: CVConfig, out: str | Path | None = None) -> dict[str, Any]:
-    """Table 2 over the training seeds: each seed's mean over folds, then mean ± std over the seeds.
+def _rows_over_seeds(per_seed: dict[int, dict[str, Any]], table: str, level: str, key_fields: tuple[str, ...]):
+    """Rows of ``table`` at ``level``: each seed's fold mean side by side, then mean ± std over the seeds."""
+    seeds = list(per_seed)
+    found = [r for t in per_seed.values() for r in t[table].get(level, [])]
+    keys = list(dict.fromkeys(tuple(r[f] for f in key_fields) for r in found))
+    rows = []
+    for key in keys:
+        values = [next((r["mean"] for r in per_seed[seed][table].get(level, [])
+                        if tuple(r[f] for f in key_fields) == key), None) for seed in seeds]
+        mean, std, n = _mean_std(values)
+        template = next(r for r in found if tuple(r[f] for f in key_fields) == key)
+        rows.append({**{f: template[f] for f in key_fields if f in template},
+                     **({"decision": template["decision"]} if "decision" in template else {}),
+                     "seeds": values, "mean": mean, "std": std, "n_seeds": n})
+    return rows
 
-    The std over seeds measures how much a model's cross-validated score moves with its training
-    seed alone (the folds are the same for every seed); each seed's own tables are in
-    ``OUT/seed<s>/tables.md``.
+
+def _seed_comparisons(config: CVConfig, out: Path) -> list[dict[str, Any]]:
+    """Each model against ``config.reference`` (same backbone), paired and pooled over folds *and* seeds.
+
+    An image appears once per seed; its copies (or its group's) are one bootstrap cluster, so the
+    interval reflects the images, not the number of repetitions.
+    """
+    from hiercls.stats import paired_comparison
+
+    if config.reference not in config.strategies:
+        return []
+    taxonomy = _table_taxonomy(config)
+    table = []
+    for backbone in config.backbones:
+        for model in (s for s in config.strategies if s != config.reference):
+            labels, pred_a, pred_b, clusters, pairs, has_groups = [], [], [], [], 0, False
+            for seed in config.seeds or []:
+                one_seed = config.for_seed(seed)
+                seed_out = out / f"seed{seed}"
+                rows = _paired_folds(one_seed, collect_cells(one_seed, seed_out), taxonomy, seed_out,
+                                     config.reference, model, backbone, keep_paths=True)
+                seed_labels, a, b, groups, used, paths = rows
+                has_groups = has_groups or groups is not None
+                labels += seed_labels
+                pred_a += a
+                pred_b += b
+                # one cluster per group (or per image without one), the same in every seed
+                clusters += [("group", g) if g is not None else ("image", p)
+                             for g, p in zip(groups or [None] * len(paths), paths)]
+                pairs += used
+            if not labels:
+                continue
+            result = paired_comparison(taxonomy, labels, pred_a, pred_b, groups=clusters,
+                                       unit="group" if has_groups else "image")
+            table.append({"strategy": model, "backbone": backbone, "reference": config.reference,
+                          "fold_runs": pairs, **result})
+    return table
+
+
+def build_seed_tables(config: CVConfig, out: str | Path | None = None) -> dict[str, Any]:
+    """Tables 2 and 3 over the training seeds, and the comparison pooled over folds and seeds.
+
+    A seed's value is its mean over folds; the std over seeds measures how much a model's
+    cross-validated score moves with its training seed alone (the folds are the same for every
+    seed). Each seed's own tables are in ``OUT/seed<s>/tables.md``.
     """
     out = Path(out or config.out)
     seeds = list(config.seeds or [])
     per_seed = {}
     for seed in seeds:
         one_seed = config.for_seed(seed)
-        per_seed[seed] = build_tables(one_seed, collect_cells(one_seed, out / f"seed{seed}"))
+        per_seed[seed] = build_tables(one_seed, collect_cells(one_seed, out / f"seed{seed}"), out / f"seed{seed}")
     levels = list(dict.fromkeys(level for t in per_seed.values() for level in t["table2"]))
-    table2: dict[str, list[dict[str, Any]]] = {}
-    for level in levels:
-        keys = list(dict.fromkeys((r["strategy"], r["backbone"], r["metric"])
-                                  for t in per_seed.values() for r in t["table2"].get(level, [])))
-        rows = []
-        for strategy, backbone, metric in keys:
-            values = [next((r["mean"] for r in per_seed[seed]["table2"].get(level, [])
-                            if (r["strategy"], r["backbone"], r["metric"]) == (strategy, backbone, metric)), None)
-                      for seed in seeds]
-            mean, std, n = _mean_std(values)
-            rows.append({"strategy": strategy, "backbone": backbone, "metric": metric, "seeds": values,
-                         "mean": mean, "std": std, "n_seeds": n})
-        table2[level] = rows
     return {
         "seeds": seeds,
         "split_seed": config.seed,
@@ -1140,7 +1218,11 @@ def build_seed_tables(config: CVConfig, out: str | Path | None = None) -> dict[s
             "a seed's value is its mean over the folds (of the folds finished so far); mean and std "
             "(n - 1) over the seeds measure the training-seed variation alone",
         ],
-        "table2": table2,
+        "table2": {level: _rows_over_seeds(per_seed, "table2", level, ("strategy", "backbone", "metric"))
+                   for level in levels},
+        "table3": {level: _rows_over_seeds(per_seed, "table3", level, ("strategy", "backbone", "node"))
+                   for level in levels},
+        "comparison": _seed_comparisons(config, out),
     }
 
 
@@ -1163,7 +1245,34 @@ def render_seed_tables_markdown(tables: dict[str, Any]) -> str:
             lines.append(f"| {r['strategy']} / {r['backbone']} | {titles[r['metric']]} | "
                          + " | ".join(_fmt(v) for v in r["seeds"]) + f" | {spread} |")
         lines.append("")
+    lines += _seed_table3_lines(tables)
+    lines += _comparison_lines(tables, pooled="the folds and the seeds both finished (the copies of an image "
+                                              "over the seeds are resampled together)")
     return "\n".join(lines)
+
+
+def _seed_table3_lines(tables: dict[str, Any]) -> list[str]:
+    """Table 3 over the seeds: each decision on its own subtree, mean ± std over the seeds' fold means."""
+    lines: list[str] = []
+    for level, rows in (tables.get("table3") or {}).items():
+        nodes = list(dict.fromkeys((r["node"], r.get("decision", r["node"])) for r in rows))
+        models = list(dict.fromkeys((r["strategy"], r["backbone"]) for r in rows))
+        lines += [f"## Table 3 over seeds: accuracy of each decision on its own subtree (mean ± std over seeds), "
+                  f"{'image' if level == 'images' else 'group'} level", "",
+                  "| model | " + " | ".join(d if n == "all" else f"{n}: {d}" for n, d in nodes) + " |",
+                  "|---|" + "---:|" * len(nodes)]
+        for strategy, backbone in models:
+            cells = []
+            for node, _ in nodes:
+                r = next((r for r in rows if (r["strategy"], r["backbone"], r["node"]) == (strategy, backbone, node)),
+                         None)
+                if r is None or r["mean"] is None:
+                    cells.append("–")
+                else:
+                    cells.append(f"{r['mean']:.3f}" + (f" ± {r['std']:.3f}" if r["std"] is not None else ""))
+            lines.append(f"| {strategy} / {backbone} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def write_seed_tables(config: CVConfig, out: str | Path | None = None) -> tuple[Path, Path]:

@@ -63,3 +63,37 @@ def test_seeds_are_checked(project: Path):
         load_cv_config(write_config(project, "cv-bad.yaml", seeds=[0, 0]))
     with pytest.raises(ConfigError, match="split_seed"):
         load_cv_config(write_config(project, "cv-bad.yaml", fit={"split_seed": 3}))
+
+
+def _hxe_installed() -> bool:
+    from hiercls.plugins import loss_registrations
+
+    return any(r.name == "hxe" for r in loss_registrations())
+
+
+@pytest.mark.skipif(not _hxe_installed(), reason="needs the hiercls-hxe plugin (pip install -e plugins/hiercls-hxe)")
+def test_a_model_with_its_own_loss_is_compared_pooled_over_folds_and_seeds(project: Path):
+    config = load_cv_config(write_config(project, "cv-loss.yaml", out="out-loss", seeds=[0, 1],
+                                         strategies=["flat", "joint+hxe"]))
+    assert run_cv(config, console=quiet(), progress=False).finished
+    out = project / "out-loss"
+    cell = yaml.safe_load((cell_dir(out / "seed1", "joint+hxe", BACKBONE, 0) / "config.yaml").read_text())
+    assert (cell["strategy"], cell["loss"], cell["seed"]) == ("joint", "hxe", 1)
+
+    tables = read_json(out / "tables.json")
+    images_per_seed = sum(1 for _ in (project / "data").rglob("*.jpg"))
+    (row,) = tables["comparison"]
+    assert (row["strategy"], row["reference"], row["fold_runs"]) == ("joint+hxe", "flat", 4)
+    assert row["n_images"] == 2 * images_per_seed  # every image once per seed...
+    groups = {p.name.split("_")[0] for p in (project / "data").rglob("*.jpg")}
+    assert row["bootstrap"]["unit"] == "group" and row["bootstrap"]["n_units"] == len(groups)  # ...one cluster
+    decisions = {r["node"] for r in tables["table3"]["images"] if r["strategy"] == "joint+hxe"}
+    assert decisions == {"root", "Leukemia", "all"}
+    text = (out / "tables.md").read_text()
+    assert "pooled over the folds and the seeds" in text and "Table 3 over seeds" in text
+
+
+@pytest.mark.parametrize("model, message", [("joint+nope", "unknown loss 'nope'"), ("joint+", "strategy\\+loss")])
+def test_a_model_naming_a_bad_loss_is_refused(project: Path, model: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_cv_config(write_config(project, "cv-bad-loss.yaml", strategies=["flat", model]))
