@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_smears
 
 from hiercls.cli import main
 from hiercls.errors import ConfigError
@@ -16,6 +15,8 @@ from hiercls.evaluation import Evaluation, evaluate_prediction_set, evaluate_run
 from hiercls.metrics import hierarchical_prf
 from hiercls.predictions import PredictionSet
 from hiercls.probabilities import NodeProbabilities
+
+from conftest import write_smears
 
 REPO = Path(__file__).resolve().parents[1]
 LEUKEMIA = REPO / "taxonomy" / "leukemia.yaml"
