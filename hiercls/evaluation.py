@@ -403,6 +403,7 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path, *, title: str 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     preds = evaluation.predictions
+    figures_before = _figure_signatures(out)
     written: dict[str, Path] = {}
     if evaluation.run_dir is not None:
         written["predictions.csv"] = write_predictions_csv(
@@ -415,6 +416,12 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path, *, title: str 
         out, evaluation.metrics, evaluation.taxonomy, [preds.labels[i] for i in labelled],
         [preds.predictions[i] for i in labelled], title=title,
     )
-    for figure in sorted(out.glob("confusion_*.png")):
-        written[figure.name] = figure
+    for name, signature in sorted(_figure_signatures(out).items()):
+        if figures_before.get(name) != signature:  # written now, not left from an earlier evaluation
+            written[name] = out / name
     return written
+
+
+def _figure_signatures(folder: Path) -> dict[str, tuple[int, int]]:
+    """PNG name -> (inode, mtime): the report replaces figures atomically, so both change when one is written."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.png") if p.is_file()}

@@ -118,6 +118,16 @@ def test_evaluate_prediction_set_scores_a_hand_made_set(tiny_taxonomy):
     json.dumps(metrics)  # JSON-ready as it is
 
 
+def test_write_evaluation_lists_the_files_it_wrote(tiny_taxonomy, tmp_path):
+    stale = tmp_path / "confusion_at_gone.png"
+    stale.write_bytes(b"from an earlier evaluation")
+    written = write_evaluation(evaluate_prediction_set(tiny_taxonomy, _hand_made(tiny_taxonomy)), tmp_path, title="T")
+    assert {"metrics.json", "report.md", "confusion_leaves.png", "confusion_at_animal.png"} <= set(written)
+    assert "confusion_at_gone.png" not in written and "predictions.csv" not in written  # not predicted here
+    assert not (tmp_path / "predictions.csv").exists() and (tmp_path / "report.md").read_text().startswith("# T")
+    assert json.loads(written["metrics.json"].read_text())["provenance"]["predictions"] == "hand.csv"
+
+
 def test_evaluate_prediction_set_groups_by_any_column(tiny_taxonomy):
     evaluation = evaluate_prediction_set(tiny_taxonomy, _hand_made(tiny_taxonomy), group_by="patient")
     groups = evaluation.metrics["groups"]
