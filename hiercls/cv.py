@@ -706,9 +706,9 @@ def evaluate_cell(
     Writes ``predictions.csv`` and ``metrics.json`` (image level, and group level under
     ``groups`` when the data have groups) into ``run_dir`` and returns the metrics.
     """
+    from hiercls.evaluation import evaluate_prediction_set, run_provenance
     from hiercls.inference import decode, load_run, predict_table
-    from hiercls.metrics import evaluate_predictions
-    from hiercls.predictions import write_predictions_csv
+    from hiercls.predictions import PredictionSet, write_predictions_csv
 
     cache = cache if cache is not None else {}
     table, index = _dataset(config, cache)
@@ -724,13 +724,17 @@ def evaluate_cell(
     val = table.subset([index[p] for p in held_out])
     loaded = load_run(run_dir, CHECKPOINT)
     probs = predict_table(loaded, val, device=loaded.config.device, progress=progress, console=console)
-    predictions = decode(probs, loaded.config)
-    paths, labels, groups = [str(p) for p in val.paths], list(val.labels), list(val.groups)
-    write_predictions_csv(run_dir / "predictions.csv", probs, paths, labels, groups, predictions)
-    metrics = evaluate_predictions(loaded.taxonomy, labels, predictions, probs)
+    preds = PredictionSet([str(p) for p in val.paths], list(val.labels), list(val.groups), decode(probs, loaded.config),
+                          probs, source=str(run_dir / "predictions.csv"))
+    write_predictions_csv(run_dir / "predictions.csv", probs, preds.paths, preds.labels, preds.groups, preds.predictions)
     use_groups = config.group_by_available is True or (config.group_by_available == "auto" and table.has_groups)
-    if use_groups:
-        metrics["groups"] = _group_metrics(config, loaded.taxonomy, groups, labels, predictions, probs)
+    has_groups = use_groups and any(g is not None for g in preds.groups)
+    metrics = evaluate_prediction_set(
+        loaded.taxonomy, preds, group_by="group" if has_groups else None, aggregator=config.aggregator,
+        group_scoring=config.group_scoring, provenance=run_provenance(loaded, CHECKPOINT, "val", config.data),
+    ).metrics
+    if use_groups and not has_groups:
+        metrics["groups"] = {"n_groups": 0, "notes": ["no held-out image has a group"]}
     metrics["cv"] = {
         "strategy": loaded.config.strategy, "backbone": loaded.config.backbone, "fold": loaded.config.fold,
         "folds": loaded.config.folds, "checkpoint": CHECKPOINT, "epoch": loaded.metadata.get("epoch"),
@@ -739,18 +743,6 @@ def evaluate_cell(
     metrics = json_ready(metrics)
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
-
-
-def _group_metrics(config: CVConfig, taxonomy, groups, labels, predictions, probs) -> dict[str, Any]:
-    """Aggregate the held-out images per group (slide / patient) and score the groups."""
-    from hiercls.aggregate import evaluate_groups, get_aggregator
-
-    if all(g is None for g in groups):
-        return {"n_groups": 0, "notes": ["no held-out image has a group"]}
-    return evaluate_groups(
-        taxonomy, groups, labels, predictions, probs, get_aggregator(config.aggregator), config.aggregator,
-        scoring=config.group_scoring,
-    )
 
 
 # -- the tables -----------------------------------------------------------------------------

@@ -207,6 +207,7 @@ class HierarchicalImageClassifier(ClassifierMixin, BaseEstimator):
 
         loaded = load_run(run_dir, which)
         self.loaded_run_ = loaded
+        self.checkpoint_ = which
         self.model_ = loaded.model
         self.taxonomy_ = loaded.taxonomy
         self.config_ = loaded.config
@@ -245,16 +246,61 @@ class HierarchicalImageClassifier(ClassifierMixin, BaseEstimator):
         cut = self.threshold if threshold is None else threshold
         return np.array(probs.decode(method, threshold=cut), dtype=object)
 
+    def evaluate(
+        self,
+        X,
+        y,
+        groups: Sequence[str | None] | None = None,
+        *,
+        decode: str | None = None,
+        threshold: float | None = None,
+        aggregator: str = "mode",
+        group_scoring: str = "groups",
+        ci: bool = False,
+    ) -> dict[str, Any]:
+        """Every metric of ``hiercls evaluate`` for ``predict(X)`` against ``y``: the ``metrics.json`` dict.
+
+        ``groups`` (one value per image, ``None`` for none) adds group-level metrics under
+        ``groups``, each group voting with ``aggregator``; ``ci=True`` adds bootstrap intervals.
+        """
+        return self._evaluation(X, y, groups, decode=decode, threshold=threshold, aggregator=aggregator,
+                                group_scoring=group_scoring, ci=ci).metrics
+
     def score(self, X, y, sample_weight=None) -> float:
-        """Exact-match accuracy of ``predict(X)`` against ``y`` (labels or aliases resolved first)."""
-        from sklearn.metrics import accuracy_score
+        """Accuracy of ``predict(X)`` on the images labelled at a leaf, as ``hiercls evaluate`` reports it.
+
+        Labels are resolved first (aliases); images labelled at an internal node (partial
+        labels) are left out, as in ``evaluate(X, y)["accuracy"]``, which this equals when
+        ``sample_weight`` is ``None``.
+        """
+        evaluation = self._evaluation(X, y)
+        accuracy = evaluation.metrics["accuracy"]
+        if accuracy is None:
+            raise InputError("y has no label at a leaf; score is the accuracy on leaf-labelled images "
+                             "(evaluate(X, y) gives the hierarchical metrics of partial labels)")
+        if sample_weight is None:
+            return float(accuracy)
+        return _weighted_leaf_accuracy(evaluation, sample_weight)
+
+    def _evaluation(self, X, y, groups=None, *, decode=None, threshold=None, **scoring):
+        from hiercls.evaluation import evaluate_prediction_set, run_provenance
+        from hiercls.predictions import PredictionSet
 
         check_is_fitted(self)
         truth = self.taxonomy_.resolve_labels(_check_labels(y, "y"), source="y")
-        predicted = self.predict(X)
-        if len(truth) != len(predicted):
-            raise InputError(f"X has {len(predicted)} images but y has {len(truth)} labels; give one label per image")
-        return float(accuracy_score(np.array(truth, dtype=object), predicted, sample_weight=sample_weight))
+        x = _check_x(X, "X")
+        if len(truth) != len(x):
+            raise InputError(f"X has {len(x)} images but y has {len(truth)} labels; give one label per image")
+        group_list = _check_groups(groups, len(x))
+        method = self.decode if decode is None else decode
+        cut = self.threshold if threshold is None else threshold
+        probs = self.predict_proba(x)
+        names = [str(p) for p in x] if _is_paths(x) else [f"X[{i}]" for i in range(len(x))]
+        predictions = PredictionSet(names, list(truth), group_list or [None] * len(x),
+                                    probs.decode(method, threshold=cut), probs, source="X")
+        provenance = {**run_provenance(self.loaded_run_, self.checkpoint_, None, "X"), "predictions": None}
+        return evaluate_prediction_set(self.taxonomy_, predictions, decode=method, threshold=cut,
+                                       group_by="group" if group_list else None, provenance=provenance, **scoring)
 
     def _decoded(self, x) -> np.ndarray:
         size = self.config_.img_size
@@ -370,6 +416,32 @@ def _check_labels(y, name: str) -> list[str]:
     if missing:
         raise InputError(f"{name}[{missing[0]}] has no label ({len(missing)} missing); every image needs a node name")
     return [str(label) for label in labels]
+
+
+def _check_groups(groups, n: int) -> list[str | None] | None:
+    """One group per image (``None``: no group), or ``None`` when no grouping is asked."""
+    if groups is None:
+        return None
+    if isinstance(groups, (str, bytes)):
+        raise InputError("groups is a single string; give one group per image (or None)")
+    values = [None if g is None else str(g) for g in groups]
+    if len(values) != n:
+        raise InputError(f"X has {n} images but groups has {len(values)} values; give one group per image")
+    return values
+
+
+def _weighted_leaf_accuracy(evaluation, sample_weight) -> float:
+    """``score`` with ``sample_weight``: the weighted exact-match rate over the leaf-labelled images."""
+    from sklearn.metrics import accuracy_score
+
+    preds = evaluation.predictions
+    weights = np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+    if len(weights) != len(preds):
+        raise InputError(f"sample_weight has {len(weights)} values for {len(preds)} images; give one per image")
+    leaves = set(evaluation.taxonomy.leaves)
+    keep = [i for i, t in enumerate(preds.labels) if t in leaves]
+    return float(accuracy_score([preds.labels[i] for i in keep], [preds.predictions[i] for i in keep],
+                                sample_weight=weights[keep]))
 
 
 def _check_xy(X, y, taxonomy: Taxonomy, x_name: str, y_name: str):

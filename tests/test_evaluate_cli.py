@@ -48,7 +48,8 @@ def test_metrics_json_report_and_figures(tax, preds_csv, tmp_path, capsys):
     out = tmp_path / "eval"
     assert _evaluate("--predictions", str(preds_csv), "--taxonomy", str(LEUKEMIA), "--out", str(out)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == set(METRIC_KEYS)
+    assert set(metrics) == set(METRIC_KEYS) | {"provenance"}
+    assert metrics["provenance"]["predictions"] == str(preds_csv)
     assert metrics["n_images"] == 29
     assert any("without a label" in n for n in metrics["notes"])
     assert set(metrics["per_level_accuracy"]) == {"root", "Leukemia", "Acute", "Chronic"}

@@ -9,20 +9,16 @@ from __future__ import annotations
 import argparse
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from hiercls.aggregate import GROUP_SCORINGS, get_aggregator, group_column_title
 from hiercls.cli import add_command
-from hiercls.errors import ConfigError, DataError
-from hiercls.io import json_ready
+from hiercls.errors import ConfigError
 from hiercls.probabilities import DECODE_METHODS
 from hiercls.taxonomy import Taxonomy, load_taxonomy
-
-if TYPE_CHECKING:
-    from hiercls.predictions import PredictionSet
 
 console = Console()
 
@@ -116,11 +112,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--group-scoring goes with --group-by: it says how the groups' predictions are scored")
 
 
-def _checkpoint(args: argparse.Namespace) -> str:
-    """``last`` on the run's own split: ``best`` was chosen on the val images, its score there is optimistic."""
-    return args.checkpoint or ("last" if args.split else "best")
-
-
 def _output_dir(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -132,104 +123,6 @@ def _output_dir(args: argparse.Namespace) -> Path:
             f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out"
         )
     return out
-
-
-def _predict_with_run(args: argparse.Namespace, out: Path) -> tuple[Taxonomy, PredictionSet, dict[str, Any]]:
-    """Predict with the run; also returns what metrics.json records of it (run, checkpoint, epoch, notes)."""
-    from hiercls.data import load_images
-    from hiercls.inference import decode, load_run, predict_table, run_image_warnings
-    from hiercls.predictions import PredictionSet, write_predictions_csv
-
-    checkpoint = _checkpoint(args)
-    loaded = load_run(args.run, which=checkpoint)
-    taxonomy = loaded.taxonomy
-    if args.taxonomy:
-        given = load_taxonomy(args.taxonomy)
-        if given.fingerprint != taxonomy.fingerprint:
-            raise ConfigError(
-                f"--taxonomy {args.taxonomy} is not the tree run {args.run} was trained on; leave --taxonomy out"
-            )
-    data = args.data or loaded.config.data
-    group_regex = args.group_regex or (loaded.config.group_regex if not args.data else None)
-    table = load_images(data, taxonomy, group_regex=group_regex, require_labels=False)
-    warnings: list[str] = []
-    if args.split:
-        table = _split_subset(table, Path(args.run), args.split)
-    else:
-        warnings = run_image_warnings(args.run, table.paths, checkpoint)
-    for line in warnings:
-        Console(stderr=True).print(f"[yellow]warning:[/] {line}", highlight=False)
-    if args.group_by == "group" and not any(table.groups):
-        raise DataError(
-            f"--group-by group: no image of {args.data} has a group; give --group-regex or a manifest "
-            "with a group column, or leave --group-by out"
-        )
-    if all(label is None for label in table.labels):
-        raise DataError(f"{args.data}: no image has a label; evaluation needs labelled images")
-    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, console=console,
-                          progress=getattr(args, "progress", True))
-    predictions = probs.decode(args.decode, args.threshold) if args.decode else decode(probs, loaded.config)
-    paths = [str(p) for p in table.paths]
-    labels, groups = list(table.labels), list(table.groups)
-    csv_path = write_predictions_csv(out / "predictions.csv", probs, paths, labels, groups, predictions)
-    console.print(f"wrote {csv_path} (the {checkpoint} checkpoint, epoch {loaded.metadata.get('epoch')})")
-    source = {"run": str(loaded.run_dir), "checkpoint": checkpoint, "epoch": loaded.metadata.get("epoch"),
-              "split": args.split, "warnings": warnings}
-    return taxonomy, PredictionSet(paths, labels, groups, predictions, probs, source=str(data)), source
-
-
-def _split_subset(table, run_dir: Path, split: str):
-    """The images of ``table`` that the run used for ``split`` (from RUN/split.json)."""
-    from hiercls.inference import read_run_split
-
-    wanted = read_run_split(run_dir)[split]
-    keep = [i for i, p in enumerate(table.paths) if str(Path(p).resolve()) in wanted]
-    if not keep:
-        raise DataError(
-            f"none of the images of {table.source or table.root} are in the '{split}' split of {run_dir}; "
-            "did the data move? Give --data explicitly"
-        )
-    return table.subset(keep)
-
-
-def _group_values(preds: PredictionSet, column: str, from_run: bool) -> list[str | None]:
-    """The group of every row, from the ``group`` column or another column of the CSV."""
-    if column == "group":
-        values = preds.groups
-    elif column in preds.extra:
-        values = [v or None for v in preds.extra[column]]
-    else:
-        available = ", ".join(["group", *preds.extra])
-        raise ConfigError(f"--group-by {column}: {preds.source} has no column '{column}' (available: {available})")
-    if all(v is None for v in values):
-        hint = " (or give --group-regex)" if from_run else ""
-        raise DataError(
-            f"--group-by {column}: no row of {preds.source} has a {column} value; fill the column{hint} "
-            "or leave --group-by out"
-        )
-    return list(values)
-
-
-def _group_metrics(
-    taxonomy: Taxonomy,
-    preds: PredictionSet,
-    pred_nodes: list[str],
-    groups: list[str | None],
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    """Aggregate per group (images without a group value are left out) and evaluate the groups."""
-    from hiercls.aggregate import evaluate_groups
-
-    options = {"decode": args.decode or "greedy", "threshold": args.threshold} if args.aggregator == "mean" else {}
-    try:
-        metrics = evaluate_groups(
-            taxonomy, groups, preds.labels, pred_nodes, preds.probs,
-            get_aggregator(args.aggregator, **options), args.aggregator, scoring=args.group_scoring or "groups",
-        )
-    except DataError as exc:
-        raise DataError(f"--group-by {args.group_by}: {exc}") from None
-    metrics["group_by"] = args.group_by
-    return metrics
 
 
 def _fmt(value: Any) -> str:
@@ -278,55 +171,36 @@ def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> No
 # -- the command ----------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
-    from hiercls.io import atomic_write_json
-    from hiercls.metrics import evaluate_predictions
+def _evaluate(args: argparse.Namespace):
+    """The Evaluation of a predictions CSV, or of a run's predictions on --data / --split."""
+    from hiercls.evaluation import evaluate_prediction_set, evaluate_run
     from hiercls.predictions import read_predictions_csv
-    from hiercls.report import write_report
+
+    scoring = {"decode": args.decode, "threshold": args.threshold, "group_by": args.group_by,
+               "aggregator": args.aggregator, "group_scoring": args.group_scoring or "groups", "ci": args.ci}
+    if args.predictions:
+        taxonomy = load_taxonomy(args.taxonomy)
+        return evaluate_prediction_set(taxonomy, read_predictions_csv(args.predictions, taxonomy), **scoring)
+    return evaluate_run(
+        args.run, data=args.data, split=args.split, checkpoint=args.checkpoint, group_regex=args.group_regex,
+        batch_size=args.batch_size, device=args.device, progress=getattr(args, "progress", True), console=console,
+        taxonomy=args.taxonomy, **scoring,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from hiercls.evaluation import write_evaluation
 
     _check_args(args)
     out = _output_dir(args)
     get_aggregator(args.aggregator)  # fail on an unknown name before any work
-
-    run_source: dict[str, Any] = {}
-    if args.predictions:
-        taxonomy = load_taxonomy(args.taxonomy)
-        preds = read_predictions_csv(args.predictions, taxonomy)
-    else:
-        taxonomy, preds, run_source = _predict_with_run(args, out)
-    if len(preds) == 0:
-        raise DataError(f"{preds.source}: no rows to evaluate")
-    if all(label is None for label in preds.labels):
-        raise DataError(
-            f"{preds.source}: no row has a label; evaluation compares predictions with true labels "
-            "(fill the label column, or give labelled data)"
-        )
-
-    pred_nodes = list(preds.predictions)
-    if args.decode:
-        if preds.probs is None:
-            raise ConfigError(f"--decode {args.decode} needs probabilities, but {preds.source} has no p: columns")
-        pred_nodes = preds.probs.decode(args.decode, args.threshold)
-
-    groups = _group_values(preds, args.group_by, from_run=bool(args.run)) if args.group_by else None
-    metrics = evaluate_predictions(taxonomy, preds.labels, pred_nodes, preds.probs)
-    if groups is not None:
-        metrics["groups"] = _group_metrics(taxonomy, preds, pred_nodes, groups, args)
-    if args.ci:
-        from hiercls.stats import headline_cis
-
-        metrics["ci"] = headline_cis(taxonomy, preds.labels, pred_nodes, groups=groups)
-    if run_source:
-        metrics["notes"] += run_source.pop("warnings")
-        metrics.update(run_source)  # which model made the numbers: run, checkpoint, epoch, split
-
-    metrics = json_ready(metrics)
-    atomic_write_json(out / "metrics.json", metrics)
-    labelled = [i for i, t in enumerate(preds.labels) if t is not None]
-    write_report(
-        out, metrics, taxonomy, [preds.labels[i] for i in labelled], [pred_nodes[i] for i in labelled], title=args.title
-    )
-    _print_summary(metrics, taxonomy, out)
+    evaluation = _evaluate(args)
+    written = write_evaluation(evaluation, out, title=args.title)
+    metrics = evaluation.metrics
+    if "predictions.csv" in written:
+        console.print(f"wrote {written['predictions.csv']} (the {metrics['checkpoint']} checkpoint, "
+                      f"epoch {metrics['epoch']})")
+    _print_summary(metrics, evaluation.taxonomy, out)
     if args.ci:
         from hiercls.stats import ci_lines
 

@@ -289,7 +289,17 @@ def _cell(row: list[str], col: int | None) -> str:
 
 
 def _read_manifest(csv_path: Path, require_labels: bool):
+    """Root folder, image paths, raw labels and groups of a CSV manifest, every row checked."""
     root = Path(os.path.abspath(csv_path.parent))
+    rows = _manifest_rows(csv_path)
+    columns = _manifest_columns(csv_path, rows[0], require_labels)
+    entries = _manifest_entries(csv_path, root, rows[1:], columns, require_labels)
+    _check_listed_files(csv_path, root, entries)
+    return root, entries.paths, entries.raw_labels, entries.groups
+
+
+def _manifest_rows(csv_path: Path) -> list[list[str]]:
+    """The CSV's rows (header first), read within the size limit; refuses an empty or non-UTF-8 file."""
     data = read_regular_file(csv_path, MAX_MANIFEST_BYTES, what="manifest")  # no FIFO, no endless file
     try:
         rows = list(csv.reader(io.StringIO(data.decode("utf-8-sig"), newline="")))
@@ -301,26 +311,45 @@ def _read_manifest(csv_path: Path, require_labels: bool):
         raise DataError(
             f"{csv_path}: empty manifest; it needs a header line 'path,label[,group]' and one row per image"
         )
-    header = [h.strip().lower() for h in rows[0]]
+    return rows
+
+
+def _manifest_columns(csv_path: Path, header_row: list[str], require_labels: bool) -> tuple[int, int | None, int | None]:
+    """Positions of the path, label and group columns (``None`` for an absent optional column)."""
+    header = [h.strip().lower() for h in header_row]
     required = ["path", "label"] if require_labels else ["path"]
     missing = [c for c in required if c not in header]
     if missing:
-        found = ", ".join(repr(h) for h in rows[0]) or "none"
+        found = ", ".join(repr(h) for h in header_row) or "none"
         raise DataError(
             f"{csv_path}: missing column(s) {', '.join(missing)} (found: {found}); "
             "the first line must be a header such as 'path,label,group'"
         )
-    col_path = header.index("path")
     col_label = header.index("label") if "label" in header else None
     col_group = header.index("group") if "group" in header else None
+    return header.index("path"), col_label, col_group
 
-    paths: list[Path] = []
-    raw_labels: list[str | None] = []
-    groups: list[str | None] = []
-    lines: list[int] = []
+
+@dataclass
+class _ManifestEntries:
+    """The manifest's non-blank rows, with the CSV line each came from."""
+
+    paths: list[Path] = field(default_factory=list)
+    raw_labels: list[str | None] = field(default_factory=list)
+    groups: list[str | None] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+
+
+def _manifest_entries(
+    csv_path: Path, root: Path, rows: list[list[str]], columns: tuple[int, int | None, int | None],
+    require_labels: bool,
+) -> _ManifestEntries:
+    """Every non-blank row as an absolute path, label and group; refuses paths outside ``root`` and missing labels."""
+    col_path, col_label, col_group = columns
+    entries = _ManifestEntries()
     outside: list[tuple[int, str]] = []
     no_label: list[int] = []
-    for line_no, row in enumerate(rows[1:], start=2):
+    for line_no, row in enumerate(rows, start=2):
         if not row or all(not cell.strip() for cell in row):
             continue  # blank line
         rel = _cell(row, col_path)
@@ -333,10 +362,17 @@ def _read_manifest(csv_path: Path, require_labels: bool):
         label = _cell(row, col_label) or None
         if label is None and require_labels:
             no_label.append(line_no)
-        paths.append(path)
-        raw_labels.append(label)
-        groups.append(_cell(row, col_group) or None)
-        lines.append(line_no)
+        entries.paths.append(path)
+        entries.raw_labels.append(label)
+        entries.groups.append(_cell(row, col_group) or None)
+        entries.lines.append(line_no)
+    _refuse_bad_rows(csv_path, root, outside, no_label)
+    if not entries.paths:
+        raise DataError(f"{csv_path}: the manifest lists no images; add one row per image under the header")
+    return entries
+
+
+def _refuse_bad_rows(csv_path: Path, root: Path, outside: list[tuple[int, str]], no_label: list[int]) -> None:
     if outside:
         shown = ", ".join(f"line {n} ({p})" for n, p in outside[:_MAX_LISTED])
         raise DataError(
@@ -348,11 +384,13 @@ def _read_manifest(csv_path: Path, require_labels: bool):
             f"{csv_path}: {len(no_label)} row(s) without a label ({_lines(no_label)}); "
             "fill in the label column or remove those rows"
         )
-    if not paths:
-        raise DataError(f"{csv_path}: the manifest lists no images; add one row per image under the header")
+
+
+def _check_listed_files(csv_path: Path, root: Path, entries: _ManifestEntries) -> None:
+    """Refuse listed files that do not exist, and files listed twice."""
     # ``exists`` rather than ``is_file``: a listed FIFO or device is not "missing"; it is
     # reported as unreadable by the audit and refused by name by the cache.
-    missing_files = [(n, p) for n, p in zip(lines, paths) if not p.exists()]
+    missing_files = [(n, p) for n, p in zip(entries.lines, entries.paths) if not p.exists()]
     if missing_files:
         raise DataError(
             f"{csv_path}: {len(missing_files)} listed file(s) not found ({_lines([n for n, _ in missing_files])}, "
@@ -360,7 +398,7 @@ def _read_manifest(csv_path: Path, require_labels: bool):
         )
     seen: dict[Path, int] = {}
     repeated = []
-    for n, p in zip(lines, paths):
+    for n, p in zip(entries.lines, entries.paths):
         if p in seen:
             repeated.append(n)
         seen.setdefault(p, n)
@@ -369,7 +407,6 @@ def _read_manifest(csv_path: Path, require_labels: bool):
             f"{csv_path}: {len(repeated)} row(s) list a file already listed above ({_lines(repeated)}); "
             "remove the repeated rows"
         )
-    return root, paths, raw_labels, groups
 
 
 def _inside_root(root: Path, rel: str) -> Path | None:
