@@ -3,7 +3,9 @@
 ``load_run`` rebuilds the model from the run's saved config and taxonomy and loads a
 checkpoint, refusing one that belongs to another tree, backbone or strategy.
 ``predict_table`` decodes the images once (through the image cache), runs the model in
-batches and returns ``NodeProbabilities``, the object every downstream step takes.
+batches and returns ``NodeProbabilities``, the object every downstream step takes. A run's
+``calibration.json`` (``hiercls calibrate``) is read by ``load_run`` and its per-node
+temperatures applied to the predictions (``calibrated=False``: the raw probabilities).
 """
 
 from __future__ import annotations

@@ -329,11 +329,7 @@ def test_calibrate_refuses_run_without_validation(tiny_run, tmp_path, capsys):
 def test_fit_calibrate_option_writes_calibration(tiny_run, tmp_path, capsys):
     run, data = tiny_run
     out = tmp_path / "run2"
-    code = main(["fit", "--taxonomy", str(run / "taxonomy.yaml"), "--data", str(data), "--out", str(out),
-                 "--backbone", "test_resnet", "--img-size", "16", "--epochs", "1", "--batch-size", "8",
-                 "--device", "cpu", "--group-regex", r"^(slide\d)_", "--val-fraction", "0.5",
-                 "--cache-dir", str(run.parent / "cache"), "--no-progress", "--calibrate"])
-    assert code == 0
+    assert main(_fit_args(run, data, out, "--calibrate")) == 0
     assert "expected calibration error" in capsys.readouterr().err
     payload = read_calibration(out)
     assert payload["checkpoint"] == "best" and payload["n_images"] == 16
@@ -343,3 +339,48 @@ def test_fit_calibrate_option_writes_calibration(tiny_run, tmp_path, capsys):
     assert main(["calibrate", "--run", str(out), "--device", "cpu", "--no-progress"]) == 0
     for node, t in read_calibration(out)["temperatures"].items():
         assert t == pytest.approx(fitted_in_memory[node], rel=1e-3)
+
+
+def _fit_args(run: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["fit", "--taxonomy", str(run / "taxonomy.yaml"), "--data", str(data), "--out", str(out),
+            "--backbone", "test_resnet", "--img-size", "16", "--epochs", "1", "--batch-size", "8",
+            "--device", "cpu", "--group-regex", r"^(slide\d)_", "--val-fraction", "0.5",
+            "--cache-dir", str(run.parent / "cache"), "--no-progress", *extra]
+
+
+def test_failed_calibration_at_end_of_fit_keeps_the_run(tiny_run, tmp_path, monkeypatch, capsys):
+    import hiercls.calibration as calibration
+
+    def broken(*args, **kwargs):
+        raise DataError("validation: 3 image(s) have non-finite (NaN or inf) node probabilities")
+
+    monkeypatch.setattr(calibration, "fit_calibration", broken)
+    run, data = tiny_run
+    out = tmp_path / "run3"
+    assert main(_fit_args(run, data, out, "--calibrate")) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "calibration at the end of training failed" in err and "hiercls calibrate --run" in err
+    assert (out / "checkpoints" / "best.safetensors").is_file() and not (out / CALIBRATION_FILE).exists()
+
+
+def test_estimator_calibrate_fits_on_arrays_and_predicts_calibrated(tmp_path):
+    from hiercls.estimator import HierarchicalImageClassifier
+    from hiercls.inference import predict_images
+
+    rng = np.random.default_rng(5)
+    leaves = ("cat", "dog", "tree", "flower")
+    y = [leaves[i % 4] for i in range(40)]
+    X = np.stack([np.clip(rng.normal(40 * (i % 4) + 60, 20, (16, 16, 3)), 0, 255) for i in range(40)]).astype(np.uint8)
+    clf = HierarchicalImageClassifier(TREE, backbone="test_resnet", img_size=16, epochs=1, batch_size=8,
+                                      val_fraction=0.5, device="cpu", calibrate=True, run_dir=tmp_path / "est",
+                                      cache_dir=tmp_path / "cache")
+    clf.fit(X, y)
+    assert clf.get_params()["calibrate"] is True
+    payload = read_calibration(clf.run_dir_)
+    assert payload["n_images"] == 20 and payload["temperatures"]["root"] != 1.0
+    assert clf.loaded_run_.calibration is not None
+    calibrated = clf.predict_proba(X)
+    raw = predict_images(clf.loaded_run_, X, device="cpu", progress=False, calibrated=False)
+    np.testing.assert_allclose(calibrated.marginal, apply_temperatures(raw, payload["temperatures"]).marginal,
+                               atol=1e-9)
+    assert HierarchicalImageClassifier.load(clf.run_dir_).get_params()["calibrate"] is True
