@@ -66,14 +66,14 @@ def print_calibration(console: Console, payload: dict[str, Any]) -> None:
 
     temps = Table(title=f"temperatures ({payload['checkpoint']} checkpoint, {payload['n_images']} validation images)",
                   header_style="bold")
-    for column in ("node", "images below", "T", "NLL before", "NLL after"):
-        temps.add_column(column, justify="left" if column == "node" else "right")
+    for column in ("node", "images below", "T", "NLL before", "NLL after", "note"):
+        temps.add_column(column, justify="left" if column in ("node", "note") else "right")
     skipped = payload.get("skipped") or {}
     nll_before, nll_after = payload.get("nll_before") or {}, payload.get("nll_after") or {}
     for node, temperature in payload["temperatures"].items():
-        t_text = f"1 (kept: {skipped[node]})" if node in skipped else f"{temperature:.3f}"
-        temps.add_row(node, str((payload.get("node_images") or {}).get(node, "")), t_text,
-                      _fmt(nll_before.get(node)), _fmt(nll_after.get(node)))
+        note = f"kept at 1: {skipped[node]}" if node in skipped else ""
+        temps.add_row(node, str((payload.get("node_images") or {}).get(node, "")), f"{temperature:.3f}",
+                      _fmt(nll_before.get(node)), _fmt(nll_after.get(node)), note)
     console.print(temps)
     ece = Table(title="expected calibration error", header_style="bold")
     for column in ("", "before", "after"):

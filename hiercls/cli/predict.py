@@ -91,9 +91,14 @@ def _calibration_warnings(loaded, paths) -> list[str]:
     """A warning when the run's temperatures were fitted on some of these images."""
     from hiercls.calibration import calibration_overlap
 
+    from hiercls.errors import CheckpointError
+
     if not loaded.calibration:
         return []
-    n = calibration_overlap(loaded.run_dir, paths)
+    try:
+        n = calibration_overlap(loaded.run_dir, paths)
+    except CheckpointError as exc:
+        return [f"cannot check which images the temperatures were fitted on: {exc}"]
     if not n:
         return []
     return [f"{n} of {len(paths)} image(s) are the validation images the run's temperatures were fitted on "
