@@ -47,6 +47,7 @@ __all__ = [
     "write_calibration",
     "read_calibration",
     "calibration_overlap",
+    "calibration_section",
     "calibrate_run",
 ]
 
@@ -361,6 +362,35 @@ def calibration_overlap(run_dir: str | Path, paths: Sequence[object]) -> int:
 
     fitted_on = read_run_split(run_dir)["val"]
     return sum(str(Path(str(p)).resolve()) in fitted_on for p in paths)
+
+
+def calibration_section(
+    taxonomy: Taxonomy,
+    labels: Sequence[str | None],
+    raw_probs: NodeProbabilities,
+    calibration: dict[str, Any] | None,
+    n_fitted_on_scored: int = 0,
+    n_bins: int = 15,
+) -> dict[str, Any]:
+    """``metrics["calibration"]`` of an evaluation: ECE of the raw probabilities and, for a calibrated
+    run (``LoadedRun.calibration``), after its temperatures, with where they were fitted.
+
+    ``raw_probs`` are the uncalibrated predictions (``predict_table(..., calibrated=False)``);
+    ``n_fitted_on_scored`` is ``calibration_overlap(run_dir, paths)``: a note says when the
+    temperatures were fitted on some of the scored images (an optimistic "after").
+    """
+    temperatures = calibration["temperatures"] if calibration else None
+    after = apply_temperatures(raw_probs, temperatures) if temperatures else None
+    section = calibration_metrics(taxonomy, labels, raw_probs, after, n_bins, temperatures=temperatures)
+    section["fitted_on"] = None if not calibration else {
+        key: calibration.get(key) for key in ("checkpoint", "epoch", "split", "n_images", "paths_sha256", "date")
+    }
+    section["n_fitted_on_scored"] = int(n_fitted_on_scored)
+    section["notes"] = [] if not n_fitted_on_scored else [
+        f"the temperatures were fitted on {n_fitted_on_scored} of the scored images (the run's validation "
+        "split): ece_after is optimistic there"
+    ]
+    return section
 
 
 # -- calibrating a run ----------------------------------------------------------------------------

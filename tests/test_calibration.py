@@ -296,6 +296,39 @@ def test_load_run_applies_calibration_of_its_checkpoint_only(tiny_run):
     assert calibration_overlap(run, [p for p in table.paths if str(p) not in val]) == 0
 
 
+def test_calibration_section_for_an_evaluation(tree):
+    from hiercls.calibration import calibration_section
+
+    probs, labels = synthetic(tree, power=3.0, n=400)
+    payload = {"temperatures": fit_temperatures(tree, probs, labels), "checkpoint": "best", "split": "val",
+               "n_images": 400, "epoch": 3}
+    section = calibration_section(tree, labels, probs, payload, n_fitted_on_scored=400)
+    assert section["ece_after"]["overall"] < section["ece_before"]["overall"]
+    assert section["fitted_on"]["checkpoint"] == "best" and section["fitted_on"]["epoch"] == 3
+    assert section["n_fitted_on_scored"] == 400 and "fitted on 400 of the scored images" in section["notes"][0]
+    plain = calibration_section(tree, labels, probs, None)
+    assert plain["ece_after"] is None and plain["fitted_on"] is None and plain["notes"] == []
+
+
+def test_stale_or_other_checkpoint_calibration_is_not_applied(tiny_run, tmp_path):
+    import shutil
+
+    from hiercls.inference import load_run
+
+    run, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".hiercls.lock"))
+    assert main(["calibrate", "--run", str(copy), "--checkpoint", "last", "--device", "cpu", "--no-progress"]) == 0
+    assert load_run(copy, "last").calibration["checkpoint"] == "last"
+    with pytest.warns(UserWarning, match="fitted on the last checkpoint"):
+        assert load_run(copy, "best").calibration is None
+    payload = json.loads((copy / CALIBRATION_FILE).read_text())
+    payload["checkpoint_id"] = "0" * 16  # as after --resume trained on: the last checkpoint changed
+    (copy / CALIBRATION_FILE).write_text(json.dumps(payload))
+    with pytest.warns(UserWarning, match="fitted on an earlier last checkpoint"):
+        assert load_run(copy, "last").calibration is None
+
+
 def test_damaged_calibration_file_stops_predict_with_clear_error(tiny_run, tmp_path, capsys):
     run, data = tiny_run
     copy = tmp_path / "run"

@@ -90,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
 def _calibration_warnings(loaded, paths) -> list[str]:
     """A warning when the run's temperatures were fitted on some of these images."""
     from hiercls.calibration import calibration_overlap
-
     from hiercls.errors import CheckpointError
 
     if not loaded.calibration:
