@@ -137,6 +137,8 @@ class FitConfig(BaseModel):
     best_metric: Literal["val_hF", "val_accuracy", "val_loss"] = "val_hF"
     # Train although a decision of the tree has fewer than two children with training images.
     allow_incomplete_tree: bool = False
+    # At the end of training, fit per-node temperatures on the validation images (hiercls calibrate).
+    calibrate: bool = False
 
     @field_validator("device")
     @classmethod
@@ -164,6 +166,9 @@ class FitConfig(BaseModel):
                 raise ValueError("give either val_fraction or fold/folds, not both")
             if self.fold >= self.folds:  # type: ignore[operator]
                 raise ValueError(f"fold must be in [0, {self.folds}), got {self.fold}")
+        if self.calibrate and self.val_fraction == 0:
+            raise ValueError("calibrate fits temperatures on the validation images, but val_fraction is 0: "
+                             "give a validation split or leave calibrate out")
         return self
 
     # -- derived values ----------------------------------------------------------------

@@ -36,7 +36,7 @@ __all__ = ["HierarchicalImageClassifier", "InputError", "NotFittedError"]
 _CONFIG_PARAMS = (
     "strategy", "backbone", "img_size", "epochs", "batch_size", "lr", "weight_decay", "optimizer", "loss",
     "loss_options", "strategy_options", "backbone_kwargs", "val_fraction", "seed", "device", "precision",
-    "decode", "threshold", "cache_dir", "allow_incomplete_tree",
+    "decode", "threshold", "cache_dir", "allow_incomplete_tree", "calibrate",
 )
 
 
@@ -81,6 +81,7 @@ class HierarchicalImageClassifier(ClassifierMixin, BaseEstimator):
         cache_dir: str | Path | None = None,
         run_dir: str | Path | None = None,
         allow_incomplete_tree: bool = False,
+        calibrate: bool = False,
         verbose: bool = False,
     ):
         self.taxonomy = taxonomy
@@ -106,6 +107,7 @@ class HierarchicalImageClassifier(ClassifierMixin, BaseEstimator):
         self.cache_dir = cache_dir
         self.run_dir = run_dir
         self.allow_incomplete_tree = allow_incomplete_tree
+        self.calibrate = calibrate
         self.verbose = verbose
 
     # -- training -----------------------------------------------------------------------

@@ -3,7 +3,9 @@
 ``load_run`` rebuilds the model from the run's saved config and taxonomy and loads a
 checkpoint, refusing one that belongs to another tree, backbone or strategy.
 ``predict_table`` decodes the images once (through the image cache), runs the model in
-batches and returns ``NodeProbabilities``, the object every downstream step takes.
+batches and returns ``NodeProbabilities``, the object every downstream step takes. A run's
+``calibration.json`` (``hiercls calibrate``) is read by ``load_run`` and its per-node
+temperatures applied to the predictions (``calibrated=False``: the raw probabilities).
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ class LoadedRun:
     model: torch.nn.Module
     metadata: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None
+    # RUN/calibration.json when it was fitted on this checkpoint: predictions apply its temperatures
+    calibration: dict[str, Any] | None = None
 
 
 def build_model(config: FitConfig, taxonomy: Taxonomy, class_counts: np.ndarray | None, pretrained: bool = True):
@@ -207,8 +211,12 @@ def _read_run_config(paths: RunPaths) -> FitConfig:
         raise CheckpointError(f"{paths.config}: cannot read the run's config ({str(exc).splitlines()[0]})") from None
 
 
-def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
-    """Rebuild and load the ``best`` or ``last`` checkpoint of a run directory."""
+def load_run(run_dir: str | Path, which: str = "best", calibrated: bool = True) -> LoadedRun:
+    """Rebuild and load the ``best`` or ``last`` checkpoint of a run directory.
+
+    With ``calibrated`` the run's ``calibration.json`` is read (and refused when damaged) and,
+    when it was fitted on this checkpoint, kept in ``LoadedRun.calibration`` for the predictions.
+    """
     if which not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be 'best' or 'last', got '{which}'")
     paths = RunPaths(Path(run_dir).expanduser().resolve())
@@ -262,7 +270,34 @@ def load_run(run_dir: str | Path, which: str = "best") -> LoadedRun:
             "or `hiercls fit --resume` an interrupted run"
         )
     model.eval()
-    return LoadedRun(taxonomy=taxonomy, config=config, model=model, metadata=metadata, run_dir=paths.root)
+    calibration = _run_calibration(paths, which, metadata, taxonomy) if calibrated else None
+    return LoadedRun(taxonomy=taxonomy, config=config, model=model, metadata=metadata, run_dir=paths.root,
+                     calibration=calibration)
+
+
+def _run_calibration(paths: RunPaths, which: str, metadata: dict[str, Any], taxonomy: Taxonomy) -> dict[str, Any] | None:
+    """The run's temperatures when they belong to the ``which`` checkpoint; a warning when they do not."""
+    import warnings
+
+    from hiercls.calibration import read_calibration
+    from hiercls.errors import HierclsWarning
+
+    payload = read_calibration(paths.root, taxonomy)
+    if payload is None:
+        return None
+    again = f"`hiercls calibrate --run {paths.root} --checkpoint {which}`"
+    if payload["checkpoint"] != which:
+        warnings.warn(f"{paths.root / 'calibration.json'} was fitted on the {payload['checkpoint']} checkpoint; "
+                      f"the {which} checkpoint's probabilities are not calibrated ({again} calibrates it)",
+                      HierclsWarning, stacklevel=3)
+        return None
+    fitted_id, current_id = payload.get("checkpoint_id"), metadata.get("checkpoint_id")
+    if fitted_id and current_id and fitted_id != current_id:
+        warnings.warn(f"{paths.root / 'calibration.json'} was fitted on an earlier {which} checkpoint (the run "
+                      f"trained on since); probabilities are not calibrated: run {again} again",
+                      HierclsWarning, stacklevel=3)
+        return None
+    return payload
 
 
 def predict_table(
@@ -273,11 +308,13 @@ def predict_table(
     progress: bool = True,
     console: Console | None = None,
     compile: bool = False,
+    calibrated: bool = True,
 ) -> NodeProbabilities:
     """Node probabilities for every image of ``table`` (an ``ImageTable``), in table order.
 
     ``batch_size`` defaults to twice the training batch (no gradients are kept);
-    ``compile`` runs the model through ``torch.compile`` (pays off for many images on a GPU).
+    ``compile`` runs the model through ``torch.compile`` (pays off for many images on a GPU);
+    ``calibrated`` applies the run's temperatures (``LoadedRun.calibration``) when it has them.
     """
     from hiercls.data import ImageCache
 
@@ -285,7 +322,7 @@ def predict_table(
     resolve_device(device)  # an unavailable device is refused before any image is decoded
     images = ImageCache(config.cache_dir).load(list(table.paths), config.img_size, progress=progress)
     return predict_images(loaded_run, images, batch_size=batch_size, device=device, progress=progress,
-                          console=console, compile=compile)
+                          console=console, compile=compile, calibrated=calibrated)
 
 
 def predict_images(
@@ -296,6 +333,7 @@ def predict_images(
     progress: bool = True,
     console: Console | None = None,
     compile: bool = False,
+    calibrated: bool = True,
 ) -> NodeProbabilities:
     """Node probabilities for decoded ``uint8 [N, img_size, img_size, 3]`` images (see ``predict_table``)."""
     config = loaded_run.config
@@ -317,7 +355,12 @@ def predict_images(
         forward=torch.compile(model.node_conditionals, dynamic=False) if compile else None,
         fixed_batch=compile,
     )
-    return NodeProbabilities.from_conditionals(loaded_run.taxonomy, conditional)
+    probs = NodeProbabilities.from_conditionals(loaded_run.taxonomy, conditional)
+    if calibrated and loaded_run.calibration:
+        from hiercls.calibration import apply_temperatures
+
+        probs = apply_temperatures(probs, loaded_run.calibration["temperatures"])
+    return probs
 
 
 def decode(probs: NodeProbabilities, config: FitConfig) -> list[str]:

@@ -29,7 +29,7 @@ from hiercls.errors import CheckpointError, ConfigError
 __all__ = ["RunPaths", "RunLock", "check_run_dir", "prepare_run_dir", "remove_stale_temp_files", "remove_failed_run"]
 
 # Files and folders a run creates; --overwrite removes only these.
-RUN_ARTIFACTS = ("config.yaml", "taxonomy.yaml", "split.json", "metrics.jsonl", "checkpoints")
+RUN_ARTIFACTS = ("config.yaml", "taxonomy.yaml", "split.json", "metrics.jsonl", "checkpoints", "calibration.json")
 LOCK_NAME = ".hiercls.lock"
 # The one piece of advice for a run that cannot be resumed or predicted from (no checkpoint yet).
 START_AGAIN = "start it again with `hiercls fit ... --out {root} --overwrite`"

@@ -21,7 +21,7 @@ from hiercls import __version__
 from hiercls.errors import HierclsError
 
 # Order of commands in `hiercls --help`; any other command module follows alphabetically.
-COMMAND_ORDER = ("fit", "predict", "evaluate", "compare", "cv", "explain", "audit", "taxonomy", "plugins")
+COMMAND_ORDER = ("fit", "predict", "evaluate", "calibrate", "compare", "cv", "explain", "audit", "taxonomy", "plugins")
 
 err_console = Console(stderr=True)
 

@@ -85,6 +85,9 @@ def register(subparsers) -> None:
     p.add_argument("--allow-incomplete-tree", dest="allow_incomplete_tree", action="store_true", default=S,
                    help="train although a decision of the tree has fewer than two children with training "
                         "images (refused by default: that decision cannot be learned)")
+    p.add_argument("--calibrate", action="store_true", default=S,
+                   help="at the end, fit per-node temperatures on the validation images and write "
+                        "RUN/calibration.json, as `hiercls calibrate` does")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier hiercls run in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs)")
@@ -100,6 +103,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         given["deterministic"] = True
     if getattr(args, "allow_incomplete_tree", None):
         given["allow_incomplete_tree"] = True
+    if getattr(args, "calibrate", None):
+        given["calibrate"] = True
     return given
 
 
@@ -138,7 +143,19 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         console.print(f"[bold green]done[/]: {result.epochs_completed} epochs; run folder {result.run_dir}")
+    if config.calibrate:
+        _print_calibration(console, result.run_dir)
     return 0
+
+
+def _print_calibration(console: Console, run_dir: Path) -> None:
+    """The temperatures and ECE that the end of the fit wrote to RUN/calibration.json."""
+    from hiercls.calibration import read_calibration
+    from hiercls.cli.calibrate import print_calibration
+
+    payload = read_calibration(run_dir)
+    if payload is not None:
+        print_calibration(console, payload)
 
 
 def _epoch_record(run_dir: Path, epoch: int | None) -> dict:

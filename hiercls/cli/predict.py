@@ -30,6 +30,7 @@ def register(subparsers) -> None:
             "hiercls predict --run runs/joint --data smears/ --out runs/joint/predictions.csv",
             "hiercls predict --run runs/joint --data test/manifest.csv --out preds.csv --decode threshold --threshold 0.7",
             "hiercls predict --run runs/joint --data new_slides/ --out preds.csv --group-regex '^(S\\d+)_'",
+            "hiercls predict --run runs/joint --data smears/ --out raw.csv --no-calibration   # without calibration.json",
         ),
     )
     p.add_argument("--run", required=True, metavar="RUN", help="run folder written by `hiercls fit`")
@@ -43,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="default: auto")
     p.add_argument("--decode", choices=("greedy", "best_leaf", "threshold"), default=None, help="default: the run's decode rule")
     p.add_argument("--threshold", type=float, default=None, metavar="X", help="for --decode threshold (default: the run's, 0.5)")
+    p.add_argument("--no-calibration", dest="calibrated", action="store_false",
+                   help="the model's raw probabilities, without the temperatures of RUN/calibration.json "
+                        "(`hiercls calibrate`); default: calibrated when the run has them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=run)
@@ -65,22 +69,39 @@ def run(args: argparse.Namespace) -> int:
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
     _check_writable(out)
-    loaded = load_run(args.run, args.checkpoint)
+    loaded = load_run(args.run, args.checkpoint, calibrated=args.calibrated)
     table = load_images(args.data, taxonomy=loaded.taxonomy, group_regex=args.group_regex, require_labels=False)
     if len(table) == 0:
         raise ConfigError(f"{args.data}: no images found")
-    for line in run_image_warnings(args.run, table.paths, args.checkpoint):
+    for line in run_image_warnings(args.run, table.paths, args.checkpoint) + _calibration_warnings(loaded, table.paths):
         console.print(f"[yellow]warning:[/] {line}", highlight=False)
     probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, progress=args.progress, console=console,
-                          compile=args.compile)
+                          compile=args.compile, calibrated=args.calibrated)
     method = args.decode or loaded.config.decode
     threshold = args.threshold if args.threshold is not None else loaded.config.threshold
     predictions = probs.decode(method, threshold=threshold)
     write_predictions_csv(out, probs, [str(p) for p in table.paths], table.labels, table.groups, predictions)
-    summary = f"wrote {len(table)} predictions to {out}"
+    summary = f"wrote {len(table)} {'calibrated ' if loaded.calibration else ''}predictions to {out}"
     scored = accuracy_summary(loaded.taxonomy, table.labels, predictions)
     console.print(summary + (f" ({scored})" if scored else ""), highlight=False)
     return 0
+
+
+def _calibration_warnings(loaded, paths) -> list[str]:
+    """A warning when the run's temperatures were fitted on some of these images."""
+    from hiercls.calibration import calibration_overlap
+    from hiercls.errors import CheckpointError
+
+    if not loaded.calibration:
+        return []
+    try:
+        n = calibration_overlap(loaded.run_dir, paths)
+    except CheckpointError as exc:
+        return [f"cannot check which images the temperatures were fitted on: {exc}"]
+    if not n:
+        return []
+    return [f"{n} of {len(paths)} image(s) are the validation images the run's temperatures were fitted on "
+            "(calibration.json); their probabilities look better calibrated than they are"]
 
 
 def accuracy_summary(taxonomy: Taxonomy, labels: Sequence[str | None], predictions: Sequence[str]) -> str | None:

@@ -132,6 +132,28 @@ class RunFolder(Callback):
         if save:
             self.save_last(trainer, epoch + 1, record, {"epoch": epoch + 1, "unit": 0, "step": 0})
             self.last_saved = time.monotonic()
+        if final and config.calibrate and trainer.data.has_val:
+            self.calibrate(trainer)
+
+    def calibrate(self, trainer: Trainer) -> None:
+        """``calibrate: true``: fit the best checkpoint's temperatures on the validation images in memory.
+
+        A failure is a warning, not an error: the trained run stands, and ``hiercls calibrate`` can
+        be run on it later.
+        """
+        import warnings
+
+        from hiercls.calibration import calibrate_run
+        from hiercls.errors import HierclsError, HierclsWarning
+
+        try:
+            val_paths = json.loads(read_user_text(self.paths.split, "split", CheckpointError,
+                                                  max_bytes=RUN_FILE_BYTES))["val"]
+            calibrate_run(self.paths.root, "best", device=str(trainer.device), progress=False,
+                          images=trainer.data.val_images, labels=trainer.data.val_true, paths=val_paths)
+        except HierclsError as exc:
+            warnings.warn(f"calibration at the end of training failed ({exc}); the run is complete without "
+                          f"it: run `hiercls calibrate --run {self.paths.root}` after fixing the cause", HierclsWarning)
 
     def on_interrupt(self, trainer: Trainer, epoch: int, unit_index: int, step: int,
                      step_losses: torch.Tensor) -> None:
