@@ -184,8 +184,11 @@ def evaluate_prediction_set(
     ci: bool = False,
     provenance: dict[str, Any] | None = None,
     from_run: bool = False,
+    target_accuracy: float | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> Evaluation:
-    """Score predictions against their labels: image metrics, group metrics, confidence intervals.
+    """Score predictions against their labels: image metrics, group metrics, confidence intervals,
+    calibration (ECE) and selective prediction (the threshold decoder's coverage and accuracy).
 
     Parameters
     ----------
@@ -206,6 +209,12 @@ def evaluate_prediction_set(
     provenance : dict, optional
         Fields recorded under ``metrics["provenance"]`` over the ones known here (versions,
         date, taxonomy, predictions source).
+    target_accuracy : float, optional
+        Name the smallest stop threshold whose accuracy on the images decided to a leaf reaches
+        it (``metrics["selective_target"]``).
+    calibration : dict, optional
+        ``metrics["calibration"]`` as made by ``hiercls.calibration.calibration_section`` (a
+        calibrated run's ECE before and after); default: the ECE of the given probabilities.
 
     Returns
     -------
@@ -230,9 +239,31 @@ def evaluate_prediction_set(
         from hiercls.stats import headline_cis
 
         metrics["ci"] = headline_cis(taxonomy, scored.labels, scored.predictions, groups=groups)
+    metrics.update(_probability_sections(taxonomy, scored, target_accuracy, calibration))
     record = _provenance(taxonomy, scored, provenance)
     metrics["provenance"] = record
     return Evaluation(taxonomy, scored, groups, json_ready(metrics), json_ready(record))
+
+
+def _probability_sections(taxonomy: Taxonomy, predictions: PredictionSet, target_accuracy: float | None,
+                          calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """``calibration``, ``selective`` (and ``selective_target``): what only probabilities can tell."""
+    from hiercls.calibration import calibration_section
+    from hiercls.selective import selective_table, threshold_for_accuracy
+
+    if predictions.probs is None:
+        if target_accuracy is not None:
+            raise ConfigError(f"--target-accuracy needs probabilities, but {predictions.source} has no p: columns")
+        return {}
+    if calibration is None:
+        calibration = calibration_section(taxonomy, predictions.labels, predictions.probs, None)
+    sections: dict[str, Any] = {"calibration": calibration,
+                                "selective": selective_table(taxonomy, predictions.probs, predictions.labels)}
+    if target_accuracy is not None:
+        row = threshold_for_accuracy(sections["selective"], target_accuracy)
+        sections["selective_target"] = {"target": target_accuracy, "threshold": row["threshold"] if row else None,
+                                        "row": row}
+    return sections
 
 
 # -- predicting with a run first ---------------------------------------------------------------
@@ -319,6 +350,8 @@ def evaluate_run(
     progress: bool = False,
     console: Console | None = None,
     taxonomy: str | Path | Taxonomy | None = None,
+    calibrated: bool = True,
+    target_accuracy: float | None = None,
 ) -> Evaluation:
     """Predict with a trained run, then score the predictions (:func:`evaluate_prediction_set`).
 
@@ -341,6 +374,12 @@ def evaluate_run(
         given, warnings about images the run has seen are printed on stderr.
     taxonomy : str, Path or Taxonomy, optional
         Refuse the run when it was trained on another tree.
+    calibrated : bool
+        Apply the run's temperatures (``RUN/calibration.json``, ``hiercls calibrate``) when it has
+        them; ``metrics["calibration"]`` gives the ECE before and after either way, and notes when
+        the temperatures were fitted on some of the scored images.
+    target_accuracy : float, optional
+        As :func:`evaluate_prediction_set`.
 
     Returns
     -------
@@ -363,7 +402,9 @@ def evaluate_run(
         for line in warnings:
             Console(stderr=True).print(f"[yellow]warning:[/] {line}", highlight=False)
     _check_table(table, data, group_by)
-    probs = predict_table(loaded, table, batch_size=batch_size, device=device, console=console, progress=progress)
+    raw = predict_table(loaded, table, batch_size=batch_size, device=device, console=console, progress=progress,
+                        calibrated=False)
+    probs, calibration, notes = _calibrated(loaded, run_dir, table, raw, calibrated)
     decoded = run_decode(probs, loaded.config)  # the run's rule; evaluate_prediction_set applies ``decode``
     source = data or loaded.config.data
     predictions = PredictionSet([str(p) for p in table.paths], list(table.labels), list(table.groups), decoded, probs,
@@ -372,8 +413,21 @@ def evaluate_run(
         loaded.taxonomy, predictions, group_by=group_by, aggregator=aggregator, group_scoring=group_scoring,
         decode=decode, threshold=threshold, ci=ci,
         provenance={**run_provenance(loaded, which, split, source), "predictions": None}, from_run=True,
+        target_accuracy=target_accuracy, calibration=calibration,
     )
-    return _with_run_fields(evaluation, loaded.run_dir, warnings)
+    return _with_run_fields(evaluation, loaded.run_dir, warnings + notes)
+
+
+def _calibrated(loaded: LoadedRun, run_dir: Any, table: ImageTable, raw: Any, calibrated: bool):
+    """The probabilities to score (the run's temperatures applied when asked), the calibration
+    section of the metrics, and a note when the temperatures were fitted on scored images."""
+    from hiercls.calibration import apply_temperatures, calibration_overlap, calibration_section
+
+    payload = loaded.calibration if calibrated else None
+    overlap = calibration_overlap(run_dir, table.paths) if payload else 0
+    section = calibration_section(loaded.taxonomy, list(table.labels), raw, payload, overlap)
+    probs = apply_temperatures(raw, payload["temperatures"]) if payload else raw
+    return probs, section, list(section["notes"])
 
 
 def _with_run_fields(evaluation: Evaluation, run_dir: Path, warnings: list[str]) -> Evaluation:

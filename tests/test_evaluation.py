@@ -169,3 +169,62 @@ def test_estimator_score_is_the_pipelines_accuracy(trained):
     metrics = clf.evaluate(X, y, groups=[Path(x).name.split("_")[0] for x in X])
     assert metrics["accuracy"] == expected and metrics["groups"]["n_groups"] == 3
     assert metrics["provenance"]["run"] == str(run.resolve()) and metrics["provenance"]["checkpoint"] == "best"
+
+
+# -- calibration and selective prediction in the pipeline ----------------------------------------
+
+
+def test_a_calibrated_run_is_scored_calibrated_and_flags_its_own_validation_images(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    assert main(["calibrate", "--run", str(run), "--checkpoint", "last", "--device", "cpu", "--no-progress"]) == 0
+    temperatures = json.loads((run / "calibration.json").read_text())["temperatures"]
+
+    calibrated = evaluate_run(run, split="val", device="cpu")
+    raw = evaluate_run(run, split="val", device="cpu", calibrated=False)
+    section = calibrated.metrics["calibration"]
+    n_val = calibrated.metrics["n_images"]
+    assert section["temperatures"] == temperatures and section["ece_after"] is not None
+    assert section["n_fitted_on_scored"] == n_val  # every scored image was used to fit the temperatures
+    assert any("fitted on" in note for note in calibrated.metrics["notes"])
+    assert raw.metrics["calibration"]["ece_after"] is None and raw.metrics["calibration"]["n_fitted_on_scored"] == 0
+    assert section["ece_before"] == raw.metrics["calibration"]["ece_before"]
+    if any(abs(t - 1.0) > 1e-6 for t in temperatures.values()):
+        assert not np.allclose(calibrated.predictions.probs.conditional, raw.predictions.probs.conditional)
+
+
+def test_selective_table_and_target_accuracy(tiny_taxonomy):
+    rng = np.random.default_rng(0)
+    leaves = list(tiny_taxonomy.leaves)
+    labels = [leaves[i % len(leaves)] for i in range(40)]
+    scores = np.exp(rng.random((40, len(leaves))) * 4)
+    probs = NodeProbabilities.from_leaf_probabilities(tiny_taxonomy, scores / scores.sum(1, keepdims=True))
+    preds = PredictionSet([f"{i}.png" for i in range(40)], labels, [None] * 40, probs.decode("greedy"), probs,
+                          source="hand-made")
+    evaluation = evaluate_prediction_set(tiny_taxonomy, preds, target_accuracy=0.0)
+    rows = evaluation.metrics["selective"]
+    assert rows[0]["threshold"] == 0.0 and rows[0]["coverage"] == 1.0
+    assert [r["coverage"] for r in rows] == sorted((r["coverage"] for r in rows), reverse=True)
+    target = evaluation.metrics["selective_target"]
+    assert target["threshold"] == 0.0 and target["row"] == rows[0]  # any accuracy reaches 0: the widest row
+    assert evaluation.metrics["calibration"]["ece_after"] is None
+    assert evaluation.metrics["calibration"]["ece_before"]["overall"] is not None
+    with pytest.raises(ConfigError, match="needs probabilities"):
+        evaluate_prediction_set(tiny_taxonomy, PredictionSet(preds.paths, labels, preds.groups, preds.predictions,
+                                                             None, source="x.csv"), target_accuracy=0.9)
+
+
+def test_evaluate_command_prints_the_target_threshold_and_refuses_misplaced_options(trained, tmp_path, capsys):
+    run, data = trained
+    assert main(["evaluate", "--run", str(run), "--data", str(data), "--out", str(tmp_path / "e"), "--device", "cpu",
+                 "--target-accuracy", "0.0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "target accuracy 0.000: threshold 0.00 decides 100.0% of the images" in printed
+    assert "ECE (leaves)" in printed
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["selective_target"]["threshold"] == 0.0
+    assert main(["evaluate", "--predictions", str(tmp_path / "e" / "predictions.csv"), "--taxonomy", str(LEUKEMIA),
+                 "--out", str(tmp_path / "f"), "--no-calibration"]) == 2
+    assert "--no-calibration goes with --run" in capsys.readouterr().err

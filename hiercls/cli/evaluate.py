@@ -63,6 +63,8 @@ def register(subparsers) -> None:
     source.add_argument("--group-regex", metavar="REGEX", help="with --run: group of each image from its file name")
     source.add_argument("--batch-size", type=int, metavar="N", help="with --run: batch size for prediction")
     source.add_argument("--device", default="auto", help="with --run: auto, cpu, cuda or cuda:N (default: auto)")
+    source.add_argument("--no-calibration", dest="calibrated", action="store_false",
+                        help="with --run: score the raw probabilities, not those calibrated by `hiercls calibrate`")
 
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json, report.md and figures")
     parser.add_argument("--group-by", metavar="COLUMN", help="also evaluate per group of this column (e.g. group)")
@@ -82,6 +84,11 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--threshold", type=float, default=0.5, help="stop threshold of --decode threshold (default 0.5)"
+    )
+    parser.add_argument(
+        "--target-accuracy", type=float, metavar="A",
+        help="name the smallest stop threshold of the threshold decoder whose accuracy on the images it decides "
+        "to a leaf reaches A (e.g. 0.95), with the share of images it decides (docs/metrics.md)",
     )
     parser.add_argument("--title", default="Evaluation report", help="title of report.md")
     parser.add_argument("--ci", action="store_true", help="95%% bootstrap confidence intervals of accuracy, macro-F1 "
@@ -108,6 +115,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--data and --group-regex go with --run; a predictions CSV names its images and groups")
     if not 0.0 <= args.threshold <= 1.0:
         raise ConfigError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    if args.target_accuracy is not None and not 0.0 <= args.target_accuracy <= 1.0:
+        raise ConfigError(f"--target-accuracy must lie in [0, 1], got {args.target_accuracy}")
+    if not args.calibrated and not args.run:
+        raise ConfigError("--no-calibration goes with --run: a predictions CSV holds the probabilities it was given")
     if args.group_scoring and not args.group_by:
         raise ConfigError("--group-scoring goes with --group-by: it says how the groups' predictions are scored")
 
@@ -161,11 +172,32 @@ def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> No
         cells = [_fmt(get(metrics))] + ([_fmt(get(groups))] if groups else [])
         table.add_row(name, *cells)
     console.print(table)
+    for line in _probability_lines(metrics):
+        console.print(line, highlight=False)
     for note in metrics["notes"]:
         console.print(f"[dim]note: {note}[/]", highlight=False)
     for note in (groups or {}).get("notes", []):
         console.print(f"[dim]note (groups): {note}[/]", highlight=False)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+
+
+def _probability_lines(metrics: dict[str, Any]) -> list[str]:
+    """ECE before / after calibration and the threshold that keeps the target accuracy, when known."""
+    lines = []
+    calibration = metrics.get("calibration") or {}
+    before = (calibration.get("ece_before") or {}).get("overall")
+    if before is not None:
+        after = (calibration.get("ece_after") or {}).get("overall")
+        lines.append(f"ECE (leaves) {before:.4f}" + (f" -> {after:.4f} after calibration" if after is not None else
+                                                      " (not calibrated: `hiercls calibrate --run RUN`)"))
+    target = metrics.get("selective_target")
+    if target:
+        row = target["row"]
+        lines.append(f"target accuracy {target['target']:.3f}: " + (
+            f"threshold {row['threshold']:.2f} decides {row['coverage']:.1%} of the images to a leaf "
+            f"({row['n_decided']} of {row['n']}), accuracy {row['accuracy']:.4f} on them" if row else
+            "no threshold reaches it (see the selective table in the report)"))
+    return lines
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -177,14 +209,15 @@ def _evaluate(args: argparse.Namespace):
     from hiercls.predictions import read_predictions_csv
 
     scoring = {"decode": args.decode, "threshold": args.threshold, "group_by": args.group_by,
-               "aggregator": args.aggregator, "group_scoring": args.group_scoring or "groups", "ci": args.ci}
+               "aggregator": args.aggregator, "group_scoring": args.group_scoring or "groups", "ci": args.ci,
+               "target_accuracy": args.target_accuracy}
     if args.predictions:
         taxonomy = load_taxonomy(args.taxonomy)
         return evaluate_prediction_set(taxonomy, read_predictions_csv(args.predictions, taxonomy), **scoring)
     return evaluate_run(
         args.run, data=args.data, split=args.split, checkpoint=args.checkpoint, group_regex=args.group_regex,
         batch_size=args.batch_size, device=args.device, progress=getattr(args, "progress", True), console=console,
-        taxonomy=args.taxonomy, **scoring,
+        taxonomy=args.taxonomy, calibrated=args.calibrated, **scoring,
     )
 
 
