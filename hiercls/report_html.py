@@ -70,10 +70,12 @@ figure img{max-width:100%;border:1px solid #e1e5ea}
 figcaption{font-size:.85em;color:#55606e}
 .gallery{display:flex;flex-wrap:wrap;gap:10px}
 .card{border:1px solid #dde2e8;border-radius:5px;padding:6px;width:250px;font-size:.82em;background:#fbfcfd}
-.card img.thumb{width:96px;height:96px;object-fit:contain;float:left;margin-right:8px;background:#eee}
-.card .placeholder{width:96px;height:96px;float:left;margin-right:8px;background:#e9ecef;color:#67707d;
+.card .top{display:flex;gap:8px}
+.card .what{flex:1;min-width:0;overflow-wrap:anywhere}
+.card img.thumb{width:96px;height:96px;object-fit:contain;flex:none;background:#eee}
+.card .placeholder{width:96px;height:96px;flex:none;background:#e9ecef;color:#67707d;
 display:flex;align-items:center;justify-content:center;text-align:center;font-size:.8em}
-.card .file{clear:both;word-break:break-all;color:#67707d;padding-top:4px}
+.card .file{word-break:break-all;color:#67707d;padding-top:4px}
 .card img.cam{width:100%;margin-top:4px}
 dl.prov{display:grid;grid-template-columns:max-content auto;gap:2px 14px;margin:0}
 dl.prov dt{font-weight:600;color:#3a4656}
@@ -372,8 +374,9 @@ def _error_card(taxonomy: Taxonomy, row: dict[str, Any], panel: bytes | None, wi
     if panel:
         cam = (f'<img class="cam" src="data:image/png;base64,{base64.b64encode(panel).decode("ascii")}" '
                f'alt="Grad-CAM of {_e(Path(str(row["path"])).name)}">')
-    return (f'<div class="card">{picture}<div>true: <b>{_label(taxonomy, row.get("label"))}</b>{label_line}</div>'
-            f'<div class="wrong">predicted: {along or _label(taxonomy, row.get("prediction"))}</div>'
+    return (f'<div class="card"><div class="top">{picture}<div class="what">'
+            f'<div>true: <b>{_label(taxonomy, row.get("label"))}</b>{label_line}</div>'
+            f'<div class="wrong">predicted: {along or _label(taxonomy, row.get("prediction"))}</div></div></div>'
             f'<div class="file">{_e(row.get("path", ""))}</div>{cam}</div>')
 
 

@@ -47,7 +47,7 @@ def write_png(path: Path, seed: int) -> Path:
     return path
 
 
-def make_evaluation(tmp_path: Path, n: int = 36, seed: int = 0, with_extras: bool = True) -> SimpleNamespace:
+def make_evaluation(tmp_path: Path, n: int = 24, seed: int = 0, with_extras: bool = True) -> SimpleNamespace:
     """An evaluation of ``n`` images on the ``cells`` tree (display names with ``&`` and ``<script>``)."""
     taxonomy = Taxonomy.from_dict(TREE)
     rng = np.random.default_rng(seed)
@@ -115,11 +115,12 @@ def parse(text: str) -> PageParser:
     return parser
 
 
-@pytest.fixture
-def written(tmp_path):
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
     from hiercls.report import write_reports
     from hiercls.report_content import report_sections
 
+    tmp_path = tmp_path_factory.mktemp("report")
     evaluation = make_evaluation(tmp_path)
     second_wrong = report_sections(evaluation)["misclassified"]["rows"][1]["path"]
     panels = {second_wrong: (Path(__file__).resolve().parents[1] / "docs" / "explain-cnn.png").read_bytes()}
