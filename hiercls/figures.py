@@ -319,7 +319,10 @@ def plot_training_curves(records: list[dict[str, Any]] | str | Path | None) -> b
         return None
     figure = _new_figure(10.0 if losses and scores else 5.5, 4.2)
     axes = figure.subplots(1, int(bool(losses)) + int(bool(scores)), squeeze=False)[0]
+    from matplotlib.ticker import MaxNLocator
+
     for ax, (series, ylabel) in zip(axes, [(s, y) for s, y in ((losses, "loss"), (scores, "score")) if s]):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for name, xy in series.items():
             ax.plot(*zip(*xy), marker="o", markersize=3, label=name)
         ax.set_xlabel("epoch")
@@ -327,6 +330,10 @@ def plot_training_curves(records: list[dict[str, Any]] | str | Path | None) -> b
         ax.legend(fontsize=8)
         ax.set_title(f"{ylabel} per epoch", fontsize=10)
     return _png(figure)
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 # -- all at once ----------------------------------------------------------------------------
@@ -339,7 +346,7 @@ def report_figures(evaluation: Any) -> dict[str, bytes]:
     (``calibration`` and ``selective`` when present) and ``run_dir`` (training curves).
     """
     from hiercls.metrics import confusion_matrices, leaf_confusion_matrix
-    from hiercls.report import decision_name, figure_names
+    from hiercls.report import decision_name, figure_names, selective_choice
 
     taxonomy, preds, metrics = evaluation.taxonomy, evaluation.predictions, evaluation.metrics or {}
     labelled = [i for i, t in enumerate(preds.labels) if t is not None]
@@ -349,7 +356,8 @@ def report_figures(evaluation: Any) -> dict[str, bytes]:
     if labelled:
         leaf_cm = leaf_confusion_matrix(taxonomy, true_nodes, pred_nodes)
         if leaf_cm.matrix.sum() or leaf_cm.n_outside:
-            out[FIGURE_NAMES["confusion_leaves"]] = plot_confusion_matrix(leaf_cm, "leaves", taxonomy)
+            title = f"leaves ({int(leaf_cm.matrix.sum()) + leaf_cm.n_outside} images labelled at a leaf)"
+            out[FIGURE_NAMES["confusion_leaves"]] = plot_confusion_matrix(leaf_cm, title, taxonomy)
         parts = figure_names(taxonomy.internal_nodes)
         for node, cm in confusion_matrices(taxonomy, true_nodes, pred_nodes).items():
             if cm.matrix.sum() or cm.n_outside:
@@ -357,10 +365,10 @@ def report_figures(evaluation: Any) -> dict[str, bytes]:
                     cm, decision_name(taxonomy, node, display=True), taxonomy)
         probs = preds.probs[np.asarray(labelled, dtype=np.int64)] if preds.probs is not None else None
         out[FIGURE_NAMES["roc"]] = plot_roc_curves(taxonomy, true_nodes, probs)
-    calibration = metrics.get("calibration") or {}
-    reliability = calibration.get("reliability") or {}
-    overall = {k: (calibration.get(f"ece_{k}") or {}).get("overall") for k in ("before", "after")}
+    calibration = _dict(metrics.get("calibration"))
+    reliability = _dict(calibration.get("reliability"))
+    overall = {k: _dict(calibration.get(f"ece_{k}")).get("overall") for k in ("before", "after")}
     out[FIGURE_NAMES["reliability"]] = plot_reliability(reliability.get("before"), reliability.get("after"), overall)
-    out[FIGURE_NAMES["coverage"]] = plot_coverage_accuracy(metrics.get("selective"), metrics.get("selective_target"))
+    out[FIGURE_NAMES["coverage"]] = plot_coverage_accuracy(metrics.get("selective"), selective_choice(metrics)[0])
     out[FIGURE_NAMES["training"]] = plot_training_curves(getattr(evaluation, "run_dir", None))
     return {name: png for name, png in out.items() if png}

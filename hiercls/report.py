@@ -33,6 +33,7 @@ __all__ = [
     "figure_names",
     "decision_name",
     "selective_choice",
+    "calibration_warnings",
 ]
 
 # A slug longer than this is cut (and gets a hash): file names stay far below the usual 255-byte limit.
@@ -275,6 +276,15 @@ def _selective_lines(metrics: dict[str, Any], figures: Sequence[str]) -> list[st
     return lines + [f"![{Path(f).stem}]({f})" for f in figures if Path(f).name.startswith("coverage")] + [""]
 
 
+def calibration_warnings(calibration: dict[str, Any]) -> list[str]:
+    """What the calibration payload flags (``warnings`` / ``notes``), e.g. temperatures fitted on scored images."""
+    out: list[str] = []
+    for key in ("warnings", "warning", "notes"):
+        value = calibration.get(key)
+        out += [str(v) for v in value] if isinstance(value, list) else ([str(value)] if value else [])
+    return out
+
+
 def _calibration_lines(metrics: dict[str, Any], figures: Sequence[str]) -> list[str]:
     ece, calibration = metrics.get("ece"), metrics.get("calibration")
     if not ece and not isinstance(calibration, dict):
@@ -284,12 +294,14 @@ def _calibration_lines(metrics: dict[str, Any], figures: Sequence[str]) -> list[
         lines += [f"Expected calibration error per depth ({ece['n_bins']} bins).", ""]
         lines += _table(["depth", "ECE"], list(ece["per_depth"].items()))
     if isinstance(calibration, dict):
-        before, after = calibration.get("ece_before") or {}, calibration.get("ece_after") or {}
+        before, after = calibration.get("ece_before"), calibration.get("ece_after")
+        before, after = (x if isinstance(x, dict) else {} for x in (before, after))
         lines += ["Temperature scaling per internal node: ECE before and after.", ""]
         lines += _table(["", "ECE before", "ECE after"], [(k, v, after.get(k)) for k, v in before.items()])
         temperatures = calibration.get("temperatures") or {}
         if temperatures:
             lines += _table(["node", "temperature"], list(temperatures.items()))
+        lines += [f"**Warning:** {w}" for w in calibration_warnings(calibration)] + [""]
     return lines + [f"![{Path(f).stem}]({f})" for f in figures if Path(f).name.startswith("reliability")] + [""]
 
 

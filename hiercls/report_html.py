@@ -28,6 +28,7 @@ from hiercls.report import (
     _denominator_text,
     _fmt,
     _headline,
+    calibration_warnings,
     decision_name,
     figure_names,
     provenance_rows,
@@ -276,14 +277,14 @@ def _calibration_section(metrics: dict[str, Any], figures: dict[str, bytes]) -> 
     ece = metrics.get("ece")
     body = ""
     if isinstance(calibration, dict):
-        before = calibration.get("ece_before") or {}
-        after = calibration.get("ece_after") or {}
+        before, after = (x if isinstance(x, dict) else {}
+                         for x in (calibration.get("ece_before"), calibration.get("ece_after")))
         body += ("<p>Temperature scaling per internal node, fitted on validation images.</p>"
                  + _table(["", "ECE before", "ECE after"], [(k, v, after.get(k)) for k, v in before.items()]))
         temperatures = calibration.get("temperatures") or {}
         if temperatures:
             body += _table(["node", "temperature"], list(temperatures.items()))
-        for note in calibration.get("notes") or []:
+        for note in calibration_warnings(calibration):
             body += f'<p class="wrong">{_e(note)}</p>'
     if isinstance(ece, dict) and ece.get("per_depth"):
         body += (f"<h3>Expected calibration error per depth ({_e(ece.get('n_bins'))} bins)</h3>"

@@ -74,6 +74,7 @@ def make_evaluation(tmp_path: Path, n: int = 24, seed: int = 0, with_extras: boo
             "ece_before": {"overall": 0.12, "depth 1": 0.10, "depth 2": 0.14},
             "ece_after": {"overall": 0.04, "depth 1": 0.03, "depth 2": 0.05},
             "temperatures": {"root": 1.7, "blast": 1.2},
+            "warnings": ["temperatures fitted on 12 of the scored images"],
             "reliability": {"before": bins, "after": [dict(b, confidence=b["accuracy"]) for b in bins]},
         }
         metrics["selective"] = [{"threshold": t, "coverage": 1 - t / 2, "n_decided": int(n * (1 - t / 2)), "n": n,
@@ -179,6 +180,7 @@ def test_html_report_numbers(written):
     chosen = text.split('<tr class="chosen">')[1].split("</tr>")[0]
     assert ">0.700<" in chosen and text.count('<tr class="chosen">') == 1
     assert "slide1" in shown and "right" in shown
+    assert "temperatures fitted on 12 of the scored images" in shown
 
 
 def test_report_md_has_the_same_content(written):
@@ -194,6 +196,7 @@ def test_report_md_has_the_same_content(written):
     assert "![roc_leaves](roc_leaves.png)" in md and "![training_curves](training_curves.png)" in md
     assert "| 0.700 | 0.650 |" in md and md.count("◀") == 2  # the sentence and the row
     assert "moved_away.png" in md
+    assert "**Warning:** temperatures fitted on 12 of the scored images" in md
     for name in ("reliability.png", "coverage_accuracy.png", "training_curves.png", "roc_leaves.png",
                  "confusion_leaves.png"):
         assert files[name].stat().st_size > 1000
