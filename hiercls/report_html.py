@@ -62,7 +62,9 @@ th{background:#eef1f5}
 td.name,th.name{text-align:left}
 tr.avg td{font-weight:600;background:#f5f7fa}
 tr.chosen td{background:#fff3c4;font-weight:600}
-td.diag{outline:2px solid #1f3b5a55}
+td.diag{box-shadow:inset 0 0 0 2px #1f3b5a99}
+td.zero{color:#aab2bd}
+.scroll{overflow-x:auto;max-width:100%}
 .muted{color:#67707d}
 .wrong{color:#b3261e;font-weight:600}
 .right{color:#1b7a33}
@@ -218,11 +220,14 @@ def _per_class_section(taxonomy: Taxonomy, metrics: dict[str, Any]) -> str:
     return _section("per-class", "Per-class precision, recall, F1", body)
 
 
-def _shaded_cell(count: int, pct: float, total: int, diagonal: bool = False) -> str:
+def _shaded_cell(count: int, pct: float, diagonal: bool = False) -> str:
+    """A count and its row percentage, shaded by the percentage (a zero stays pale and bare)."""
+    classes = " ".join(c for c, on in (("diag", diagonal), ("zero", not count)) if on)
+    cls = f' class="{classes}"' if classes else ""
+    if not count:
+        return f"<td{cls}>0</td>"
     shade = f"background:rgba(31,59,90,{min(1.0, pct / 100) * 0.55:.2f})" + (";color:#fff" if pct > 55 else "")
-    text = f"{int(count)}<br><small>{pct:.0f}%</small>" if total else "0"
-    cls = ' class="diag"' if diagonal else ""
-    return f'<td{cls} style="{shade}">{text}</td>'
+    return f'<td{cls} style="{shade}">{int(count)}<br><small>{pct:.0f}%</small></td>'
 
 
 def _confusion_table(taxonomy: Taxonomy, cm: dict[str, Any]) -> str:
@@ -233,12 +238,12 @@ def _confusion_table(taxonomy: Taxonomy, cm: dict[str, Any]) -> str:
     rows = []
     for i, label in enumerate(labels):
         total = int(cm["row_totals"][i])
-        cells = [_shaded_cell(count, float(pct), total, i == j)
+        cells = [_shaded_cell(count, float(pct), i == j)
                  for j, (count, pct) in enumerate(zip(cm["counts"][i], cm["row_percent"][i]))]
         if any(outside):
-            cells.append(_shaded_cell(outside[i], 100.0 * outside[i] / max(total, 1), total))
+            cells.append(_shaded_cell(outside[i], 100.0 * outside[i] / max(total, 1)))
         rows.append(f'<tr><td class="name">{_label(taxonomy, label)}</td>{"".join(cells)}<td>{total}</td></tr>')
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
 def _confusion_section(taxonomy: Taxonomy, metrics: dict[str, Any], figures: dict[str, bytes]) -> str:
