@@ -36,6 +36,7 @@ __all__ = [
     "write_evaluation",
     "run_provenance",
     "default_checkpoint",
+    "misclassified_panels",
 ]
 
 
@@ -242,7 +243,17 @@ def evaluate_prediction_set(
     metrics.update(_probability_sections(taxonomy, scored, target_accuracy, calibration))
     record = _provenance(taxonomy, scored, provenance)
     metrics["provenance"] = record
-    return Evaluation(taxonomy, scored, groups, json_ready(metrics), json_ready(record))
+    evaluation = Evaluation(taxonomy, scored, groups, json_ready(metrics), json_ready(record))
+    return _with_report_sections(evaluation)
+
+
+def _with_report_sections(evaluation: Evaluation) -> Evaluation:
+    """Add the report's numbers (confusion matrices with counts, per-class table with macro / weighted
+    rows, denominators, group votes, the misclassified images) so that metrics.json carries them."""
+    from hiercls.report_content import report_sections
+
+    evaluation.metrics.update(json_ready(report_sections(evaluation)))
+    return evaluation
 
 
 def _probability_sections(taxonomy: Taxonomy, predictions: PredictionSet, target_accuracy: float | None,
@@ -444,15 +455,23 @@ def _with_run_fields(evaluation: Evaluation, run_dir: Path, warnings: list[str])
 # -- writing -------------------------------------------------------------------------------------
 
 
-def write_evaluation(evaluation: Evaluation, out_dir: str | Path, *, title: str = "Evaluation report") -> dict[str, Path]:
-    """Write ``metrics.json``, ``report.md``, the confusion-matrix PNGs and, for a run, ``predictions.csv``.
+def write_evaluation(
+    evaluation: Evaluation,
+    out_dir: str | Path,
+    *,
+    title: str = "Evaluation report",
+    explain_panels: dict[str, bytes] | None = None,
+) -> dict[str, Path]:
+    """Write ``metrics.json``, ``report.md``, ``report.html``, the figures and, for a run, ``predictions.csv``.
 
     Every file is written atomically; existing files of those names are replaced (the command
-    line refuses them first unless ``--overwrite``). Returns file name -> path.
+    line refuses them first unless ``--overwrite``). ``explain_panels`` (image path -> PNG, e.g.
+    from :func:`misclassified_panels`) puts Grad-CAM panels beside the misclassified images of
+    ``report.html``. Returns file name -> path.
     """
     from hiercls.io import atomic_write_json
     from hiercls.predictions import write_predictions_csv
-    from hiercls.report import write_report
+    from hiercls.report import write_reports
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -465,15 +484,35 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path, *, title: str 
         )
     atomic_write_json(out / "metrics.json", evaluation.metrics)
     written["metrics.json"] = out / "metrics.json"
-    labelled = [i for i, t in enumerate(preds.labels) if t is not None]
-    written["report.md"] = write_report(
-        out, evaluation.metrics, evaluation.taxonomy, [preds.labels[i] for i in labelled],
-        [preds.predictions[i] for i in labelled], title=title,
-    )
+    reports = write_reports(evaluation, out, title=title, explain_panels=explain_panels)
+    written.update({name: path for name, path in reports.items() if not name.endswith(".png")})
     for name, signature in sorted(_figure_signatures(out).items()):
         if figures_before.get(name) != signature:  # written now, not left from an earlier evaluation
             written[name] = out / name
     return written
+
+
+def misclassified_panels(
+    evaluation: Evaluation, *, limit: int = 24, device: str = "auto", checkpoint: str | None = None
+) -> dict[str, bytes]:
+    """Grad-CAM panels (PNG bytes) of the first ``limit`` misclassified images of a run's evaluation.
+
+    Each panel shows one heatmap per decision on the *predicted* path, titled with the true label,
+    so the report can show where the model looked when it went wrong.
+    """
+    from hiercls.explain import panels_for_images
+    from hiercls.inference import load_run
+
+    if evaluation.run_dir is None:
+        raise ConfigError("--explain needs --run: Grad-CAM panels are drawn with the run's model")
+    rows = (evaluation.metrics.get("misclassified") or {}).get("rows") or []
+    if not rows or limit <= 0:
+        return {}
+    which = checkpoint or evaluation.provenance.get("checkpoint") or "best"
+    loaded = load_run(evaluation.run_dir, which=which)
+    chosen = rows[:limit]
+    titles = {row["path"]: f"{Path(row['path']).name}: true {row['label']}, predicted" for row in chosen}
+    return panels_for_images(loaded, [row["path"] for row in chosen], titles=titles, device=device)
 
 
 def _figure_signatures(folder: Path) -> dict[str, tuple[int, int]]:

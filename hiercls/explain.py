@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hiercls.errors import ConfigError
+from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import Taxonomy
 
 if TYPE_CHECKING:
@@ -607,3 +607,37 @@ def _save_atomically(figure: Any, path: Path) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def panels_for_images(
+    loaded: Any, paths: Sequence[str | Path], *, titles: dict[str, str] | None = None, device: str = "auto"
+) -> dict[str, bytes]:
+    """Grad-CAM panels (PNG bytes) of ``paths`` on the predicted path of a loaded run (``inference.load_run``).
+
+    Unreadable images are left out (a report shows its placeholder for them). ``titles`` maps a
+    path to the start of its panel's title; the predicted path is appended.
+    """
+    from hiercls.augment import normalize
+    from hiercls.data.cache import decode_resized
+    from hiercls.inference import normalization_stats
+    from hiercls.runtime import resolve_device
+
+    chosen = resolve_device(device)
+    model = loaded.model.to(chosen)
+    mean, std = normalization_stats(model)
+    size = int(loaded.config.img_size)
+    panels: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="hiercls-panels-") as folder:
+        for i, path in enumerate(paths):
+            try:
+                pixels = decode_resized(Path(path), size)
+            except DataError:
+                continue
+            batch = normalize(torch.from_numpy(pixels.copy())[None].to(chosen), mean, std)
+            cams = gradcam_per_level(model, batch)
+            route = " > ".join(cam.child for cam in cams) or loaded.taxonomy.root
+            start = (titles or {}).get(str(path), Path(path).name)
+            target = Path(folder) / f"{i}.png"
+            render_panel(pixels, cams, target, loaded.taxonomy, title=f"{start}: {route}")
+            panels[str(path)] = target.read_bytes()
+    return panels

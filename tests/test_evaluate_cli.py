@@ -12,6 +12,7 @@ from hiercls.cli import main
 from hiercls.metrics import METRIC_KEYS, hierarchical_prf
 from hiercls.predictions import write_predictions_csv
 from hiercls.probabilities import NodeProbabilities
+from hiercls.report_content import SECTION_KEYS
 from hiercls.taxonomy import load_taxonomy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,9 @@ def test_metrics_json_report_and_figures(tax, preds_csv, tmp_path, capsys):
     out = tmp_path / "eval"
     assert _evaluate("--predictions", str(preds_csv), "--taxonomy", str(LEUKEMIA), "--out", str(out)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == set(METRIC_KEYS) | {"provenance"}
+    # the metrics, what made them, what only probabilities tell, and the report's numbers
+    assert set(metrics) == set(METRIC_KEYS) | {"provenance", "calibration", "selective"} | set(SECTION_KEYS)
+    assert (out / "report.html").is_file()
     assert metrics["provenance"]["predictions"] == str(preds_csv)
     assert metrics["n_images"] == 29
     assert any("without a label" in n for n in metrics["notes"])

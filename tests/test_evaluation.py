@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,8 +61,10 @@ def test_evaluate_run_writes_what_the_command_line_writes(trained, tmp_path):
     from_api = json.loads(written["metrics.json"].read_text())
     assert _without_date(from_api) == _without_date(from_cli)
     assert from_api["groups"]["n_groups"] == 3 and from_api["ci"]
-    for name in ("predictions.csv", "report.md"):
-        assert (api_out / name).read_text() == (cli_out / name).read_text()
+    assert (api_out / "predictions.csv").read_text() == (cli_out / "predictions.csv").read_text()
+    undated = [re.sub(r"\d{4}-\d\d-\d\dT[\d:]+\+00:00", "DATE", (folder / "report.md").read_text())
+               for folder in (api_out, cli_out)]
+    assert undated[0] == undated[1] and "DATE" in undated[0]  # the same report, made at another second
     assert evaluation.metrics == from_api  # what metrics.json holds
     assert evaluation.group_values == [f"slide{k}" for k in range(3)] * 4
 
@@ -220,11 +223,28 @@ def test_evaluate_command_prints_the_target_threshold_and_refuses_misplaced_opti
     run, data = trained
     assert main(["evaluate", "--run", str(run), "--data", str(data), "--out", str(tmp_path / "e"), "--device", "cpu",
                  "--target-accuracy", "0.0", "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())  # as one line, whatever the console's width
     assert "target accuracy 0.000: threshold 0.00 decides 100.0% of the images" in printed
-    assert "ECE (leaves)" in printed
+    assert "ECE (leaves)" in printed and "e/report.html" in printed and "open it in a browser" in printed
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["selective_target"]["threshold"] == 0.0
     assert main(["evaluate", "--predictions", str(tmp_path / "e" / "predictions.csv"), "--taxonomy", str(LEUKEMIA),
                  "--out", str(tmp_path / "f"), "--no-calibration"]) == 2
     assert "--no-calibration goes with --run" in capsys.readouterr().err
+
+
+def test_explain_puts_grad_cam_panels_of_misclassified_images_in_the_html_report(trained, tmp_path):
+    run, data = trained
+    out = tmp_path / "explained"
+    assert main(["evaluate", "--run", str(run), "--data", str(data), "--out", str(out), "--device", "cpu",
+                 "--explain", "2", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    wrong = metrics["misclassified"]["rows"]
+    html = (out / "report.html").read_text()
+    panels = html.count("data:image/png")  # thumbnails are JPEG; Grad-CAM panels and figures are PNG
+    assert main(["evaluate", "--run", str(run), "--data", str(data), "--out", str(tmp_path / "plain"),
+                 "--device", "cpu", "--no-progress"]) == 0
+    plain = (tmp_path / "plain" / "report.html").read_text().count("data:image/png")
+    assert panels - plain == min(2, len(wrong))
+    assert main(["evaluate", "--predictions", str(out / "predictions.csv"), "--taxonomy", str(LEUKEMIA),
+                 "--out", str(tmp_path / "csv"), "--explain"]) == 2

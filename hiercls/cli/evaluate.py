@@ -33,7 +33,7 @@ def register(subparsers) -> None:
             "per-class P/R/F1, AUROC per node, mistake severity, calibration) from a predictions CSV "
             "(as written by `hiercls predict`), or predict with a trained run first. With --group-by, "
             "image predictions are also aggregated per group (slide, patient) and scored at group "
-            "level. Writes OUT/metrics.json, OUT/report.md and confusion-matrix PNGs.",
+            "level. Writes OUT/metrics.json, OUT/report.md, a self-contained OUT/report.html and PNG figures.",
             width=88,
         ),
         example_lines=(
@@ -63,6 +63,11 @@ def register(subparsers) -> None:
     source.add_argument("--group-regex", metavar="REGEX", help="with --run: group of each image from its file name")
     source.add_argument("--batch-size", type=int, metavar="N", help="with --run: batch size for prediction")
     source.add_argument("--device", default="auto", help="with --run: auto, cpu, cuda or cuda:N (default: auto)")
+    source.add_argument(
+        "--explain", type=int, nargs="?", const=24, default=0, metavar="N",
+        help="with --run: Grad-CAM panels of the first N misclassified images (default 24) beside their "
+        "thumbnails in report.html",
+    )
     source.add_argument("--no-calibration", dest="calibrated", action="store_false",
                         help="with --run: score the raw probabilities, not those calibrated by `hiercls calibrate`")
 
@@ -117,6 +122,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--threshold must lie in [0, 1], got {args.threshold}")
     if args.target_accuracy is not None and not 0.0 <= args.target_accuracy <= 1.0:
         raise ConfigError(f"--target-accuracy must lie in [0, 1], got {args.target_accuracy}")
+    if args.explain and not args.run:
+        raise ConfigError("--explain goes with --run: Grad-CAM panels are drawn with the run's model")
+    if args.explain < 0:
+        raise ConfigError(f"--explain N needs N >= 0, got {args.explain}")
     if not args.calibrated and not args.run:
         raise ConfigError("--no-calibration goes with --run: a predictions CSV holds the probabilities it was given")
     if args.group_scoring and not args.group_by:
@@ -179,6 +188,7 @@ def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> No
     for note in (groups or {}).get("notes", []):
         console.print(f"[dim]note (groups): {note}[/]", highlight=False)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+    console.print(f"report: {(out / 'report.html').resolve()} (open it in a browser)", highlight=False)
 
 
 def _probability_lines(metrics: dict[str, Any]) -> list[str]:
@@ -222,13 +232,14 @@ def _evaluate(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from hiercls.evaluation import write_evaluation
+    from hiercls.evaluation import misclassified_panels, write_evaluation
 
     _check_args(args)
     out = _output_dir(args)
     get_aggregator(args.aggregator)  # fail on an unknown name before any work
     evaluation = _evaluate(args)
-    written = write_evaluation(evaluation, out, title=args.title)
+    panels = misclassified_panels(evaluation, limit=args.explain, device=args.device) if args.explain else None
+    written = write_evaluation(evaluation, out, title=args.title, explain_panels=panels)
     metrics = evaluation.metrics
     if "predictions.csv" in written:
         console.print(f"wrote {written['predictions.csv']} (the {metrics['checkpoint']} checkpoint, "
