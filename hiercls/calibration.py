@@ -400,6 +400,7 @@ def _validation_table(loaded, run_dir: Path):
     """The run's validation images (RUN/split.json), read from the run's data as ``evaluate --split val`` does."""
     from hiercls.data import load_images
     from hiercls.errors import ConfigError
+    from hiercls.evaluation import run_split_subset
     from hiercls.inference import read_run_split
 
     val = read_run_split(run_dir)["val"]
@@ -410,13 +411,7 @@ def _validation_table(loaded, run_dir: Path):
         )
     config = loaded.config
     table = load_images(config.data, loaded.taxonomy, group_regex=config.group_regex, require_labels=False)
-    keep = [i for i, p in enumerate(table.paths) if str(Path(p).resolve()) in val]
-    if not keep:
-        raise DataError(
-            f"none of the images of {config.data} are in the validation split of {run_dir}; did the data move? "
-            "Calibration predicts the run's own validation images from the run's data"
-        )
-    return table.subset(keep)
+    return run_split_subset(table, run_dir, "val")
 
 
 def calibrate_run(

@@ -285,7 +285,7 @@ def default_checkpoint(split: str | None) -> str:
     return "last" if split else "best"
 
 
-def _split_subset(table: ImageTable, run_dir: Path, split: str) -> ImageTable:
+def run_split_subset(table: ImageTable, run_dir: Path, split: str) -> ImageTable:
     """The images of ``table`` that the run used for ``split`` (from RUN/split.json)."""
     from hiercls.inference import read_run_split
 
@@ -329,7 +329,7 @@ def _images_to_score(loaded: LoadedRun, run_dir: Any, data: Any, split: str | No
     regex = group_regex or (loaded.config.group_regex if not data else None)
     table = load_images(source, loaded.taxonomy, group_regex=regex, require_labels=False)
     if split:
-        return _split_subset(table, Path(run_dir), split), []
+        return run_split_subset(table, Path(run_dir), split), []
     return table, run_image_warnings(run_dir, table.paths, checkpoint)
 
 

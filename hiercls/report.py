@@ -103,14 +103,18 @@ def decision_name(taxonomy: Taxonomy, node: str, display: bool = False) -> str:
 _decision_name = decision_name  # the name this module used before
 
 
+def display_parts(taxonomy: Taxonomy, node: str) -> tuple[str, str | None]:
+    """(display name, the node's name when it differs from that, else None); unknown nodes as given."""
+    shown = taxonomy.display_name(node) if node in taxonomy.index else str(node)
+    return shown, (str(node) if shown != node else None)
+
+
 def node_label(taxonomy: Taxonomy, node: str | None) -> str:
     """A node with its display name when that differs: ``"ALL (Acute lymphoblastic leukemia)"``."""
     if node is None:
         return "–"
-    if node not in taxonomy.index:
-        return str(node)
-    shown = taxonomy.display_name(node)
-    return str(node) if shown == node else f"{node} ({shown})"
+    shown, name = display_parts(taxonomy, node)
+    return shown if name is None else f"{name} ({shown})"
 
 
 def _denominator_text(item: dict[str, Any] | None) -> str:

@@ -30,6 +30,7 @@ from hiercls.report import (
     _headline,
     calibration_warnings,
     decision_name,
+    display_parts,
     figure_names,
     provenance_rows,
     selective_choice,
@@ -128,10 +129,8 @@ def _label(taxonomy: Taxonomy, node: str | None) -> str:
     """Display name, with the node's name in small print when they differ (escaped HTML)."""
     if node is None:
         return '<span class="muted">–</span>'
-    if node not in taxonomy.index:
-        return _e(node)
-    shown = taxonomy.display_name(node)
-    return _e(shown) if shown == node else f'{_e(shown)} <span class="muted">({_e(node)})</span>'
+    shown, name = display_parts(taxonomy, node)
+    return _e(shown) if name is None else f'{_e(shown)} <span class="muted">({_e(name)})</span>'
 
 
 # -- sections ---------------------------------------------------------------------------------
