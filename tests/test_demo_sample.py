@@ -12,8 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO_ROOT, SAMPLE_DATA, shared_data_dir, write_image
 from hiercls.taxonomy import load_taxonomy
+
+from conftest import REPO_ROOT, SAMPLE_DATA, shared_data_dir, write_image
 
 DEMO = REPO_ROOT / "examples" / "data" / "blood-cells-demo"
 DEMO_CONFIG = REPO_ROOT / "examples" / "blood-cells" / "demo.yaml"
@@ -93,7 +94,7 @@ def test_the_script_skips_duplicates_and_avoided_images_and_keeps_partial_labels
     avoid = tmp_path / "avoid"
     avoid.mkdir()
     (avoid / "manifest.csv").write_text("path,label\nbasophil/BA_1.jpg,basophil\n", encoding="utf-8")
-    (source / "manifest.csv").write_text("path,label\n" + "".join(f"{p},{l}\n" for p, l in rows), encoding="utf-8")
+    (source / "manifest.csv").write_text("path,label\n" + "".join(f"{path},{label}\n" for path, label in rows), encoding="utf-8")
     labels = make_demo_sample.read_manifest(source)
     by_folder = make_demo_sample.distinct_files(source, labels, {"basophil/BA_1.jpg"})
     assert "basophil/BA_dup.jpg" not in by_folder["basophil"] and "basophil/BA_1.jpg" not in by_folder["basophil"]

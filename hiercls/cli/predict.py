@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.data}: no images found")
     for line in run_image_warnings(args.run, table.paths, args.checkpoint):
         console.print(f"[yellow]warning:[/] {line}", highlight=False)
-    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, progress=bars_enabled(console, args.progress), console=console,
-                          compile=args.compile)
+    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device,
+                          progress=bars_enabled(console, args.progress), console=console, compile=args.compile)
     method = args.decode or loaded.config.decode
     threshold = args.threshold if args.threshold is not None else loaded.config.threshold
     predictions = probs.decode(method, threshold=threshold)
