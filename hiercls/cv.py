@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hiercls.config import FitConfig, check_regex, check_strategy, read_config_file
+from hiercls.console import bars_enabled
 from hiercls.errors import CheckpointError, ConfigError, DataError
 from hiercls.io import YamlTooLarge, atomic_write_json, atomic_write_text, json_ready, load_yaml, read_user_text
 from hiercls.metrics import cut_classes
@@ -723,7 +724,8 @@ def evaluate_cell(
                         f"(e.g. {missing[0]}); the data changed since this cell was trained")
     val = table.subset([index[p] for p in held_out])
     loaded = load_run(run_dir, CHECKPOINT)
-    probs = predict_table(loaded, val, device=loaded.config.device, progress=progress, console=console)
+    probs = predict_table(loaded, val, device=loaded.config.device, progress=bars_enabled(console, progress),
+                          console=console)
     preds = PredictionSet([str(p) for p in val.paths], list(val.labels), list(val.groups), decode(probs, loaded.config),
                           probs, source=str(run_dir / "predictions.csv"))
     write_predictions_csv(run_dir / "predictions.csv", probs, preds.paths, preds.labels, preds.groups, preds.predictions)

@@ -30,18 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from hiercls.augment import BatchAugment
 from hiercls.config import FitConfig
+from hiercls.console import EpochProgress, bars_enabled
 from hiercls.data.coverage import check_training_coverage
 from hiercls.errors import ConfigError, DataError
 from hiercls.inference import build_model, normalization_stats
@@ -342,7 +335,7 @@ def _train(config: FitConfig, console: Console, dist: Dist, paths: RunPaths, pre
     callbacks: list[Callback] = [folder, _ConsoleReport(console, config, paths, progress, dist)]
     if on_step is not None:
         callbacks.append(_StepHook(on_step))
-    validating = {"progress": progress, "description": "validating", "console": console}
+    validating = {"progress": bars_enabled(console, progress), "description": "validating", "console": console}
     trainer = Trainer(config, taxonomy, model, units, data, augment, device, dist=dist, channels_last=channels_last,
                       callbacks=callbacks, resume=state, validation_progress=validating)
     with _sigint_sets(trainer.stop):
@@ -381,32 +374,27 @@ class _StepHook(Callback):
 
 
 class _ConsoleReport(Callback):
-    """Progress bars while a unit trains, one line per epoch, and how to resume after Ctrl-C."""
+    """Progress while a unit trains (a bar, or a line now and then in a log), one line per epoch,
+    and how to resume after Ctrl-C."""
 
     def __init__(self, console: Console, config: FitConfig, paths: RunPaths, progress: bool, dist: Dist):
         self.console, self.config, self.paths, self.dist = console, config, paths, dist
         self.progress = progress
-        self.bar: Progress | None = None
+        self.shown: EpochProgress | None = None
 
     def on_unit_begin(self, trainer, epoch, unit, skip) -> None:
-        self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, transient=True, disable=not self.progress,
-        )
-        self.bar.start()
         description = f"epoch {epoch + 1}/{self.config.epochs} {unit.name}"
-        self.task = self.bar.add_task(description, total=unit.steps_per_epoch, loss="-", rate="-")
-        self.bar.advance(self.task, skip)
+        self.shown = EpochProgress(self.console, description, unit.steps_per_epoch, enabled=self.progress)
+        self.shown.start(skip)
 
     def on_step(self, trainer, epoch, unit, step) -> None:
-        self.bar.advance(self.task, 1)
+        self.shown.step(trainer.unit_sizes[step], lambda: trainer.running_loss(step))
 
     def on_check(self, trainer, epoch, unit, mean_loss, rate) -> None:
-        self.bar.update(self.task, loss=f"{mean_loss:.4f}", rate=f"{rate:.0f}")
+        self.shown.show_loss(mean_loss)
 
     def on_unit_end(self, trainer, epoch, unit) -> None:
-        self.bar.stop()
+        self.shown.stop()
 
     def on_epoch_end(self, trainer, epoch, record, improved) -> None:
         if self.dist.main:

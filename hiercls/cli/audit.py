@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hiercls.cli import add_command
+from hiercls.console import make_console
 from hiercls.data.audit import DEFAULT_NEAR_THRESHOLD, AuditReport, audit
 from hiercls.data.dataset import load_images, write_manifest
 from hiercls.data.splits import group_warning, grouped_kfold, split_count_table
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         near_threshold=args.near_threshold,
         progress=not args.no_progress,
     )
-    console = Console()
+    console = make_console(stderr=False)
     print_report(report, console)
     if splits is not None:
         console.print(split_count_table(table, taxonomy, splits))

@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 
 from hiercls.cli import add_command
+from hiercls.console import make_console
 
 
 def register(subparsers) -> None:
@@ -44,15 +45,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     payload = calibrate_run(args.run, args.checkpoint, device=args.device, batch_size=args.batch_size,
                             progress=args.progress, console=console)
     from pathlib import Path
 
     from hiercls.calibration import CALIBRATION_FILE
 
-    print_calibration(Console(), payload)
-    Console().print(f"wrote {Path(args.run) / CALIBRATION_FILE}", highlight=False)
+    print_calibration(make_console(stderr=False), payload)
+    make_console(stderr=False).print(f"wrote {Path(args.run) / CALIBRATION_FILE}", highlight=False)
     return 0
 
 

@@ -12,17 +12,17 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
 from rich.table import Table
 
 from hiercls.cli import add_command
+from hiercls.console import make_console
 from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import Taxonomy, load_taxonomy
 
 if TYPE_CHECKING:
     from hiercls.predictions import PredictionSet
 
-console = Console()
+console = make_console(stderr=False)
 PREDICTIONS = "predictions.csv"
 _EXAMPLES_SHOWN = 3  # paths named in a "not the same images" error
 

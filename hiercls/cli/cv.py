@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from rich.console import Console
-
 from hiercls.cli import add_command
+from hiercls.console import log_interval, make_console
 
 
 def register(subparsers) -> None:
@@ -47,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--backbones", metavar="x,y", default=S, help="comma-separated backbone names (overrides backbones:)")
     p.add_argument("--exclude", nargs="+", metavar="NODE", default=S,
                    help="drop these nodes and their images from training and evaluation (overrides exclude:)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars, nor progress lines in a log")
     p.set_defaults(func=run)
 
 
@@ -73,7 +72,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from hiercls.cv import load_cv_config, run_cv
 
-    console = Console(stderr=True)
+    console = make_console()
+    log_interval()  # a bad HIERCLS_LOG_INTERVAL is refused before anything starts
     config = load_cv_config(args.config, overrides_from_args(args))
     result = run_cv(config, console, progress=args.progress)
     total = len(result.cells)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hiercls.cli import add_command
+from hiercls.console import make_console
 from hiercls.errors import ConfigError, DataError
 
 PANEL_SUFFIX = "_gradcam.png"
@@ -115,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
     from hiercls.inference import load_run, normalization_stats
     from hiercls.runtime import resolve_device
 
-    console = Console()
-    err = Console(stderr=True)
+    console = make_console(stderr=False)
+    err = make_console(stderr=True)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file; give a folder for the PNG panels")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from hiercls.cli import add_command
+from hiercls.console import log_interval, make_console
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # Command-line flags that map one-to-one to FitConfig options (dest == option name).
 CONFIG_FLAGS = (
@@ -90,7 +93,7 @@ def register(subparsers) -> None:
                         "RUN/calibration.json, as `hiercls calibrate` does")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier hiercls run in --out")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (logs)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars, nor progress lines in a log")
     p.set_defaults(func=run)
 
 
@@ -115,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     from hiercls.run import load_resume_config
 
     # Under torchrun only rank 0 speaks; the other processes train silently.
-    console = Console(stderr=True, quiet=os.environ.get("RANK", "0") not in ("", "0"))
+    console = make_console(quiet=os.environ.get("RANK", "0") not in ("", "0"))
+    log_interval()  # a bad HIERCLS_LOG_INTERVAL is refused before anything starts
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; choose one")
     overrides = overrides_from_args(args)

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-
 from hiercls.cli import add_command
+from hiercls.console import bars_enabled, make_console
 
 if TYPE_CHECKING:
     from hiercls.taxonomy import Taxonomy
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from hiercls.inference import load_run, predict_table, run_image_warnings
     from hiercls.predictions import write_predictions_csv
 
-    console = Console(stderr=True)
+    console = make_console()
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out}: file exists; use --overwrite to replace it or choose another --out")
@@ -75,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.data}: no images found")
     for line in run_image_warnings(args.run, table.paths, args.checkpoint) + _calibration_warnings(loaded, table.paths):
         console.print(f"[yellow]warning:[/] {line}", highlight=False)
-    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device, progress=args.progress, console=console,
-                          compile=args.compile, calibrated=args.calibrated)
+    probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device,
+                          progress=bars_enabled(console, args.progress), console=console, compile=args.compile,
+                          calibrated=args.calibrated)
     method = args.decode or loaded.config.decode
     threshold = args.threshold if args.threshold is not None else loaded.config.threshold
     predictions = probs.decode(method, threshold=threshold)

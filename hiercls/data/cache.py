@@ -52,6 +52,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from hiercls.console import bars_enabled
 from hiercls.data.images import open_rgb
 from hiercls.errors import DataError
 
@@ -449,6 +450,6 @@ def _progress_bar(enabled: bool) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        disable=not enabled,
+        disable=not bars_enabled(None, enabled),  # none in a log: a stopped bar leaves a blank line there
         transient=True,
     )

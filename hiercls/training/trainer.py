@@ -489,6 +489,7 @@ class Trainer:
         self.last_metrics: dict[str, Any] = start.last_metrics
         self.generator = torch.Generator()
         self.running: dict[str, list[float]] = {}
+        self.unit_losses, self.unit_sizes = torch.zeros(1), [0]  # the current unit's epoch (see train_unit)
         self.stop = StopFlag()  # set it (e.g. from a SIGINT handler) to stop after the current step
         # how validation shows progress: predict_conditionals' progress/console/description (default: none)
         self.validation_progress = validation_progress or {"progress": False}
@@ -556,6 +557,7 @@ class Trainer:
             if position.get("step_losses") is not None:
                 step_losses.copy_(position["step_losses"].to(_loss_dtype(device)))
         sizes = [min(config.batch_size, len(u.indices) - s * config.batch_size) for s in range(u.steps_per_epoch)]
+        self.unit_losses, self.unit_sizes = step_losses, sizes  # for running_loss()
         self.model.train()
         self._notify("on_unit_begin", epoch, u, skip)
         try:
@@ -594,6 +596,14 @@ class Trainer:
                 dist.barrier()
                 raise _Interrupted
         return total
+
+    def running_loss(self, step: int) -> float:
+        """Mean loss per image of the current unit's epoch through ``step``, on this process.
+
+        For progress displays: it waits for the device, so call it now and then, not every step.
+        """
+        seen = sum(self.unit_sizes[: step + 1])
+        return float(self.unit_losses[: step + 1].sum()) / max(1, seen)
 
     def validate(self) -> dict[str, Any]:
         """Validation metrics of the current model on the validation images."""
