@@ -12,7 +12,7 @@ module stays cheap for the command line.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -55,6 +55,8 @@ class Evaluation:
     metrics: dict[str, Any]
     provenance: dict[str, Any]
     run_dir: Path | None = None
+    # the model that made the predictions, kept so Grad-CAM panels need not load the run again
+    loaded_run: LoadedRun | None = field(default=None, repr=False, compare=False)
 
 
 # -- provenance -----------------------------------------------------------------------------
@@ -426,7 +428,7 @@ def evaluate_run(
         provenance={**run_provenance(loaded, which, split, source), "predictions": None}, from_run=True,
         target_accuracy=target_accuracy, calibration=calibration,
     )
-    return _with_run_fields(evaluation, loaded.run_dir, warnings + notes)
+    return dataclasses.replace(_with_run_fields(evaluation, loaded.run_dir, warnings + notes), loaded_run=loaded)
 
 
 def _calibrated(loaded: LoadedRun, run_dir: Any, table: ImageTable, raw: Any, calibrated: bool):
@@ -508,8 +510,11 @@ def misclassified_panels(
     rows = (evaluation.metrics.get("misclassified") or {}).get("rows") or []
     if not rows or limit <= 0:
         return {}
-    which = checkpoint or evaluation.provenance.get("checkpoint") or "best"
-    loaded = load_run(evaluation.run_dir, which=which)
+    scored_with = evaluation.provenance.get("checkpoint")
+    which = checkpoint or scored_with or "best"
+    loaded = evaluation.loaded_run
+    if loaded is None or which != scored_with:
+        loaded = load_run(evaluation.run_dir, which=which)
     chosen = rows[:limit]
     titles = {row["path"]: f"{Path(row['path']).name}: true {row['label']}, predicted" for row in chosen}
     return panels_for_images(loaded, [row["path"] for row in chosen], titles=titles, device=device)

@@ -386,11 +386,27 @@ class _BackboneCam:
 # -- Grad-CAM per level -------------------------------------------------------------------
 
 
+def _tempered_conditionals(taxonomy: Any, conditional: np.ndarray, temperatures: dict[str, float]) -> np.ndarray:
+    """One image's node conditionals with a run's calibration temperatures applied."""
+    from hiercls.calibration import apply_temperatures
+    from hiercls.probabilities import NodeProbabilities
+
+    probs = NodeProbabilities.from_conditionals(taxonomy, conditional[None])
+    return apply_temperatures(probs, temperatures).conditional[0]
+
+
+def run_temperatures(loaded: Any) -> dict[str, float] | None:
+    """The calibration temperatures of a loaded run (``inference.load_run``), None when it has none."""
+    return dict(loaded.calibration["temperatures"]) if getattr(loaded, "calibration", None) else None
+
+
+
 def gradcam_per_level(
     model: HierarchicalClassifier,
     image: Tensor,
     *,
     target: str | None = None,
+    temperatures: dict[str, float] | None = None,
 ) -> list[LevelCam]:
     """One Grad-CAM per decision on the predicted path (or the path to ``target``).
 
@@ -399,6 +415,8 @@ def gradcam_per_level(
     The model runs in eval mode in float32; the parameters' ``requires_grad``, the
     model's training mode and its hooks are as before when this returns, and no
     parameter gradient is accumulated. Heatmaps are ``float32 [H, W]`` in [0, 1].
+    ``temperatures`` (a run's ``calibration.json``, see ``hiercls.calibration``) temper the
+    probabilities reported on the path; the path itself does not change with them.
     """
     from hiercls.strategies.base import HierarchicalClassifier
 
@@ -422,6 +440,8 @@ def gradcam_per_level(
                 p.requires_grad_(False)
             with torch.no_grad():
                 conditional = model.node_conditionals(x)[0].double().cpu().numpy()
+            if temperatures:
+                conditional = _tempered_conditionals(taxonomy, conditional, temperatures)
             path = decision_path(taxonomy, conditional, target)
             if not path:
                 return []
@@ -634,7 +654,7 @@ def panels_for_images(
             except DataError:
                 continue
             batch = normalize(torch.from_numpy(pixels.copy())[None].to(chosen), mean, std)
-            cams = gradcam_per_level(model, batch)
+            cams = gradcam_per_level(model, batch, temperatures=run_temperatures(loaded))
             route = " > ".join(cam.child for cam in cams) or loaded.taxonomy.root
             start = (titles or {}).get(str(path), Path(path).name)
             target = Path(folder) / f"{i}.png"

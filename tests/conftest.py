@@ -12,6 +12,13 @@ from PIL import Image
 
 from hiercls.taxonomy import Taxonomy
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per pytest worker (and its child processes): two workers on two cores, not four threads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO_ROOT / "examples" / "data" / "blood-cells-sample"
 

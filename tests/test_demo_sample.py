@@ -62,8 +62,11 @@ def test_demo_has_no_duplicates_and_nothing_of_the_test_sample() -> None:
 def test_the_readme_main_job_trains_on_the_demo_sample() -> None:
     config = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
     assert (DEMO_CONFIG.parent / config["data"]).resolve() == DEMO.resolve()
-    assert config["backbone"] == "resnet18" and "pretrained" not in config
+    assert "pretrained" not in config  # from random weights: nothing to download
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    setup = readme.split("## Use")[0]
+    assert f"`{config['backbone']}`" in setup, "README's set-up must name the demo's backbone"
+    assert f"{config['epochs']} epochs" in DEMO_CONFIG.read_text(encoding="utf-8")  # its comment matches it
     assert "hiercls fit --config examples/blood-cells/demo.yaml --out runs/demo" in readme
 
 

@@ -27,7 +27,7 @@ What is not run exactly as written (to keep the cost to about two CPU-minutes)
   README's install and test commands. ``python -m pytest`` (this suite) is not run again.
 * ``hiercls fit`` and ``hiercls cv`` (except ``fit --resume``) train **one epoch**: their
   ``--epochs N`` is replaced by ``--epochs 1`` (added when only the config sets the number).
-  README's main job is therefore run with ``--epochs 1``; a reader's run trains the 30 epochs of
+  README's main job is therefore run with ``--epochs 1``; a reader's run trains the 16 epochs of
   ``examples/blood-cells/demo.yaml``.
 * To save the 3-5 s that importing torch, timm and scikit-learn costs each command, ``hiercls``
   and the Python blocks run in a child forked from a server that imported them once (the same

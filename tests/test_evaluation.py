@@ -248,3 +248,23 @@ def test_explain_puts_grad_cam_panels_of_misclassified_images_in_the_html_report
     assert panels - plain == min(2, len(wrong))
     assert main(["evaluate", "--predictions", str(out / "predictions.csv"), "--taxonomy", str(LEUKEMIA),
                  "--out", str(tmp_path / "csv"), "--explain"]) == 2
+
+
+def test_explain_panels_reuse_the_model_that_made_the_predictions(trained, monkeypatch):
+    import hiercls.inference
+    from hiercls.evaluation import misclassified_panels
+
+    run, data = trained
+    evaluation = evaluate_run(run, data=data, device="cpu")
+    wrong = evaluation.metrics["misclassified"]["rows"]
+    if not wrong:
+        pytest.skip("the one-epoch model made no mistake on these images, so there is no panel to draw")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run was loaded a second time")
+
+    monkeypatch.setattr(hiercls.inference, "load_run", refuse)
+    panels = misclassified_panels(evaluation, limit=1, device="cpu")
+    assert list(panels) == [wrong[0]["path"]] and panels[wrong[0]["path"]].startswith(b"\x89PNG")
+    with pytest.raises(AssertionError, match="second time"):  # another checkpoint is another model
+        misclassified_panels(evaluation, limit=1, device="cpu", checkpoint="last")

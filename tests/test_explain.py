@@ -562,3 +562,37 @@ def test_repeated_image_names_get_distinct_panels():
 
     names = panel_names([Path("a/x.png"), Path("b/x.jpg"), Path("c/y.png"), Path("d/X.png")])
     assert names == ["x_gradcam.png", "x_2_gradcam.png", "y_gradcam.png", "X_3_gradcam.png"]
+
+
+def test_explain_reports_calibrated_probabilities_when_the_run_has_temperatures(trained_run, tmp_path, capsys):
+    import csv
+    import shutil
+
+    from hiercls.calibration import write_calibration
+
+    run, data = trained_run
+    calibrated = tmp_path / "run"
+    shutil.copytree(run, calibrated)
+    temperatures = {"root": 3.0, "Leukemia": 0.5, "Acute": 2.0, "Chronic": 4.0}
+    write_calibration(calibrated, {"temperatures": temperatures, "checkpoint": "best", "n_images": 4})
+    image = str(data / "AML" / "slide0_AML.png")
+
+    def summary(run_dir: Path, out: Path) -> list[dict[str, str]]:
+        assert main(["explain", "--run", str(run_dir), "--images", image, "--out", str(out), "--device", "cpu",
+                     "--no-progress", "--target", "CML"]) == 0
+        with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+
+    raw, tempered = summary(run, tmp_path / "raw"), summary(calibrated, tmp_path / "tempered")
+    capsys.readouterr()
+    assert [(r["decision"], r["child"]) for r in raw] == [(r["decision"], r["child"]) for r in tempered]
+    for before, after in zip(raw, tempered):
+        siblings = [c for c in load_taxonomy(LEUKEMIA).children(before["decision"])]
+        assert len(siblings) >= 2
+        p, t = float(before["probability"]), temperatures[before["decision"]]
+        assert float(after["probability"]) != pytest.approx(p, abs=1e-6)
+        assert 0.0 < float(after["probability"]) < 1.0
+        # a tempered binary decision has a closed form: p^(1/T) / (p^(1/T) + (1-p)^(1/T))
+        if len(siblings) == 2:
+            expected = p ** (1 / t) / (p ** (1 / t) + (1 - p) ** (1 / t))
+            assert float(after["probability"]) == pytest.approx(expected, rel=1e-4)

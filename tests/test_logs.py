@@ -122,6 +122,25 @@ def test_predict_log_is_clean(project: Path, fit_log) -> None:
     assert re.search(r"^wrote 40 predictions to \S+p\.csv \(exact-match accuracy", text, re.M), text
 
 
+def test_audit_log_is_clean(project: Path) -> None:
+    text = run_cli(["audit", "--taxonomy", str(project / "tiny.yaml"), "--data", str(project / "data"),
+                    "--min-size", "0"], project, project / "audit.log")
+    assert_clean_log(text)
+    assert text.startswith("Audit of "), text
+
+
+def test_calibrate_and_explain_logs_are_clean(project: Path, fit_log, tmp_path: Path) -> None:
+    run, _ = fit_log
+    calibrate = run_cli(["calibrate", "--run", str(run), "--device", "cpu"], project, tmp_path / "calibrate.log")
+    assert_clean_log(calibrate)
+    assert "calibration.json" in calibrate
+    images = [str(project / "data" / "cat" / f"cat_{k}.jpg") for k in (0, 1)]
+    explain = run_cli(["explain", "--run", str(run), "--images", *images, "--out", str(tmp_path / "cams"),
+                       "--device", "cpu"], project, tmp_path / "explain.log")
+    assert_clean_log(explain)
+    assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 2
+
+
 def test_cv_log_is_clean_and_its_rules_stay_short(project: Path) -> None:
     config = project / "cv.yaml"
     config.write_text(yaml.safe_dump({

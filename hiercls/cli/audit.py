@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         min_group_images=args.min_group_images,
         near_threshold=args.near_threshold,
         progress=not args.no_progress,
+        console=make_console(),  # the bar on stderr, and none in a log; the report goes to stdout
     )
     console = make_console(stderr=False)
     print_report(report, console)

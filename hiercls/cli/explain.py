@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hiercls.cli import add_command
-from hiercls.console import make_console
+from hiercls.console import bars_enabled, make_console
 from hiercls.errors import ConfigError, DataError
 
 PANEL_SUFFIX = "_gradcam.png"
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hiercls.augment import normalize
     from hiercls.data.cache import decode_resized
-    from hiercls.explain import gradcam_per_level, render_panel
+    from hiercls.explain import gradcam_per_level, render_panel, run_temperatures
     from hiercls.inference import load_run, normalization_stats
     from hiercls.runtime import resolve_device
 
@@ -140,11 +140,12 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model.to(device)
     mean, std = normalization_stats(model)
     size = int(loaded.config.img_size)
+    temperatures = run_temperatures(loaded)  # probabilities as predict and evaluate report them
 
     written: list[tuple[Path, str, Path]] = []
     rows: list[tuple[str, ...]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True, disable=not args.progress) as bar:
+    with Progress(*columns, console=err, transient=True, disable=not bars_enabled(err, args.progress)) as bar:
         task = bar.add_task("Grad-CAM", total=len(images))
         for image_path, panel in zip(images, targets):
             try:
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.advance(task)
                 continue
             batch = normalize(torch.from_numpy(pixels.copy())[None].to(device), mean, std)
-            cams = gradcam_per_level(model, batch, target=target)
+            cams = gradcam_per_level(model, batch, target=target, temperatures=temperatures)
             path_text = " > ".join(cam.child for cam in cams) or taxonomy.root
             title = f"{image_path.name}: {'path to ' + target if target else 'predicted'}: {path_text}"
             render_panel(pixels, cams, panel, taxonomy, title=title, overwrite=args.overwrite)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -37,6 +38,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from hiercls.console import bars_enabled
 from hiercls.data import images as _images
 from hiercls.data.dataset import ImageTable, unknown_label_counts
 from hiercls.data.images import open_rgb_bytes, read_regular_file
@@ -241,15 +243,17 @@ def audit(
     splits: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     progress: bool = True,
     workers: int | None = None,
+    console: Console | None = None,
 ) -> AuditReport:
     """Audit a table (or a plain list of image paths) and return an ``AuditReport``.
 
     ``min_group_images=1`` turns the small-group check off; ``near_threshold=-1`` turns the
     near-duplicate search off. ``splits`` (``(train_idx, val_idx)`` pairs) enables the
-    report of duplicate sets whose copies fall in different validation folds.
+    report of duplicate sets whose copies fall in different validation folds. The progress bar
+    is drawn on ``console`` (default: rich's, on stdout); never in a log (``hiercls.console``).
     """
     table = data if isinstance(data, ImageTable) else _table_from_paths(data)
-    infos = _inspect_all(table.paths, progress, workers)
+    infos = _inspect_all(table.paths, bars_enabled(console, progress), workers, console)
     report = AuditReport(table=table, infos=infos, min_size=min_size, min_group_images=min_group_images,
                          near_threshold=near_threshold)
 
@@ -297,12 +301,13 @@ def _table_from_paths(paths: Sequence[str | Path]) -> ImageTable:
     return ImageTable(root=root, paths=absolute, labels=[None] * len(absolute))
 
 
-def _inspect_all(paths: Sequence[Path], progress: bool, workers: int | None) -> list[ImageInfo]:
+def _inspect_all(paths: Sequence[Path], progress: bool, workers: int | None,
+                 console: Console | None = None) -> list[ImageInfo]:
     workers = workers or min(8, os.cpu_count() or 1)
     infos: list[ImageInfo] = []
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not progress, transient=True,
+        console=console, disable=not progress, transient=True,
     ) as bar:
         task = bar.add_task(f"hashing {len(paths)} images", total=len(paths))
         if workers <= 1 or len(paths) < 32:
