@@ -291,8 +291,7 @@ def _fit(config: FitConfig, console: Console | None, dist: Dist, *, resume: bool
     console = console or Console(stderr=True)
     if not dist.main:
         console, progress = Console(stderr=True, quiet=True), False
-    if dist.main:
-        check_run_dir(config.out, resume=resume, overwrite=overwrite)
+    dist.on_main(lambda: check_run_dir(config.out, resume=resume, overwrite=overwrite))
     torch.manual_seed(config.seed)
     device = _process_device(config, dist)
     configure_backends(device, config.deterministic)

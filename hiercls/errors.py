@@ -31,3 +31,10 @@ class ConfigError(HierclsError):
 
 class CheckpointError(HierclsError):
     """A run directory or checkpoint is missing, incomplete or incompatible."""
+
+
+class PeerFailedError(HierclsError):
+    """Under ``torchrun``: another process (rank 0) refused the run and printed why; this one stops.
+
+    The command line exits with status 2 without printing it, so the reason is shown once.
+    """

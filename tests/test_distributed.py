@@ -71,11 +71,7 @@ def losses(run: Path) -> list[float]:
 @gloo
 def test_two_processes_match_one_process(dataset):
     assert main(fit_args(dataset, "single")) == 0
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "hiercls", *fit_args(dataset, "multi")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    done = torchrun(fit_args(dataset, "multi"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("done:") == 1, "only rank 0 reports"
     assert "2 (DistributedDataParallel; 4 images per process" in done.stderr
@@ -99,6 +95,37 @@ def test_two_processes_match_one_process(dataset):
     pa = predict_table(a, table, device="cpu", progress=False).marginal
     pb = predict_table(b, table, device="cpu", progress=False).marginal
     assert np.allclose(pa, pb, atol=1e-5)
+
+
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hiercls",
+               *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+
+@gloo
+def test_a_run_folder_refused_on_rank_0_stops_every_process_with_one_message(dataset):
+    """Rank 0 alone checks the run folder; the others must stop with it, not die on a closed connection."""
+    taken = dataset / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    done = torchrun(fit_args(dataset, "taken"))
+    assert done.returncode != 0
+    assert done.stderr.count("run folder exists and is not empty") == 1, done.stderr[-3000:]
+    assert "[rank1]" not in done.stderr and "Connection closed" not in done.stderr, done.stderr[-3000:]
+    assert "exitcode  : 2" in done.stderr  # every process ended with the user-error status
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").read_text() == "mine"
+
+
+def test_on_main_in_one_process_runs_the_action_and_raises_its_error():
+    from hiercls.errors import ConfigError
+    from hiercls.training.trainer import Dist as _Dist
+
+    assert _Dist().on_main(lambda: 42) == 42
+    with pytest.raises(ConfigError, match="refused"):
+        _Dist().on_main(lambda: (_ for _ in ()).throw(ConfigError("refused")))
 
 
 @gloo

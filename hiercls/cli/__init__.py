@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from hiercls import __version__
-from hiercls.errors import HierclsError
+from hiercls.errors import HierclsError, PeerFailedError
 
 # Order of commands in `hiercls --help`; any other command module follows alphabetically.
 COMMAND_ORDER = ("fit", "predict", "evaluate", "calibrate", "compare", "cv", "explain", "audit", "taxonomy", "plugins")
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return int(args.func(args) or 0)
+    except PeerFailedError:
+        return 2  # under torchrun: rank 0 printed the reason
     except HierclsError as exc:
         # escaped: a message may hold [brackets] that rich would otherwise take for markup and drop
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

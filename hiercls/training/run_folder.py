@@ -79,9 +79,11 @@ class RunFolder(Callback):
             atomic_write_text(paths.config, self.config.to_yaml())  # on resume: records a changed --epochs
 
     def check_space(self, resume: bool) -> None:
-        if self.dist.main:
+        def check() -> None:
             replaced = existing_checkpoint_bytes(self.paths) if resume else 0
             check_free_space(self.paths.root, checkpoint_bytes(self.model), replaced)
+
+        self.dist.on_main(check)  # a full disk stops every process, not only rank 0
 
     def metadata(self, trainer: Trainer, epoch: int, metrics: dict[str, Any], partial: bool = False) -> dict[str, Any]:
         import timm
@@ -166,30 +168,37 @@ def open_run_folder(config: FitConfig, dist: Dist, *, resume: bool, overwrite: b
     """The run folder, locked for this fit; a new run that fails before it trained anything
     is removed again (the error says why; nothing of the user's is touched)."""
     if not dist.main:
-        dist.barrier()
+        dist.agree(failed=False)  # rank 0 opened the folder, or its error stops this process too
         yield RunPaths(Path(config.out))
         return
     root = Path(config.out)
     created = not root.exists()
     lock = RunLock(root)
     lock_existed = lock.path.exists()
-    with lock:
-        try:
-            paths = prepare_run_dir(root, resume=resume, overwrite=overwrite)
-        except BaseException:
-            if not lock_existed:
-                lock.path.unlink(missing_ok=True)
-            if created:
-                shutil.rmtree(root, ignore_errors=True)
-            raise
-        remove_stale_temp_files(paths)
-        dist.barrier()
-        try:
-            yield paths
-        except BaseException:
-            if not resume:
-                remove_failed_run(paths, created)
-            raise
+    opened = False
+    try:
+        with lock:
+            try:
+                paths = prepare_run_dir(root, resume=resume, overwrite=overwrite)
+            except BaseException:
+                if not lock_existed:
+                    lock.path.unlink(missing_ok=True)
+                if created:
+                    shutil.rmtree(root, ignore_errors=True)
+                raise
+            remove_stale_temp_files(paths)
+            opened = True
+            dist.agree(failed=False)
+            try:
+                yield paths
+            except BaseException:
+                if not resume:
+                    remove_failed_run(paths, created)
+                raise
+    except BaseException:
+        if not opened:  # the lock or the folder was refused: the other processes wait for this answer
+            dist.agree(failed=True)
+        raise
 
 
 def restore_last(paths: RunPaths, model, units: list[TrainingUnit], device: torch.device) -> ResumeState:

@@ -138,6 +138,33 @@ class Dist:
         if self.active:
             torch.distributed.barrier()
 
+    def agree(self, failed: bool) -> None:
+        """Every process tells whether it failed; one that did not, while another did, raises
+        ``PeerFailedError``. A collective: every process must reach it (instead of a barrier that
+        the others would wait at forever, or until the launcher kills them with a traceback)."""
+        if not self.active:
+            return
+        from hiercls.errors import PeerFailedError
+
+        on_gpu = torch.distributed.get_backend() == "nccl"
+        flag = torch.tensor([int(failed)], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+        torch.distributed.all_reduce(flag)
+        if int(flag.item()) and not failed:
+            raise PeerFailedError(f"process {self.rank}: stopped because another process failed (its error is above)")
+
+    def on_main(self, action: Callable[[], Any]) -> Any:
+        """``action()`` on rank 0 only (e.g. a check of the run folder); when it raises there,
+        the other processes stop with ``PeerFailedError`` instead of waiting for rank 0."""
+        result = None
+        if self.main:
+            try:
+                result = action()
+            except BaseException:
+                self.agree(failed=True)
+                raise
+        self.agree(failed=False)
+        return result
+
     def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.active:
             torch.distributed.all_reduce(tensor)
