@@ -246,6 +246,13 @@ def evaluate_groups(
         metrics = evaluate_predictions(taxonomy, truth.true_nodes, group_preds, group_probs)
         unit = "group(s)"
     metrics["notes"] = notes + [n.replace("row(s)", unit) for n in metrics["notes"]]
+    if group_probs is not None and not isinstance(aggregator, MeanAggregator):
+        # Table 3 needs each decision's probabilities, which a vote does not give: say so, as the two
+        # columns can then differ in either direction
+        metrics["notes"].append(
+            "decision accuracies: 'own subtree' from each group's mean probabilities, 'end to end' from "
+            f"the group's {aggregator_name or type(aggregator).__name__} prediction"
+        )
     if truth.n_mixed:
         metrics["notes"].append(
             f"{truth.n_mixed} group(s) hold images with different labels; "

@@ -169,3 +169,17 @@ def test_vote_then_score_images_spreads_group_probabilities(tax):
 def test_group_scoring_name_is_checked(tax):
     with pytest.raises(ConfigError, match="group scoring 'slides'"):
         evaluate_groups(tax, VOTE_GROUPS, VOTE_LABELS, VOTE_PREDS, None, ModeAggregator(), scoring="slides")
+
+
+def test_group_decision_columns_say_where_they_come_from_when_the_vote_beats_the_mean(tax):
+    # Two images lean to CML, one is sure of CLL: the vote says CML (right), the mean says CLL.
+    rows = [{"CML": 0.55, "CLL": 0.45}, {"CML": 0.55, "CLL": 0.45}, {"CLL": 0.99, "CML": 0.01}]
+    probs = _leaf_probs(tax, rows)
+    groups, labels = ["g"] * 3, ["CML"] * 3
+    voted = evaluate_groups(tax, groups, labels, probs.decode(), probs, ModeAggregator(), "mode")
+    assert voted["decision_accuracy"]["Chronic"] == 0.0  # own subtree: the group's mean probabilities
+    assert voted["per_level_accuracy"]["Chronic"] == 1.0  # end to end: the vote
+    assert any("'own subtree' from each group's mean probabilities" in n and "mode prediction" in n
+               for n in voted["notes"])
+    averaged = evaluate_groups(tax, groups, labels, probs.decode(), probs, MeanAggregator(), "mean")
+    assert not any("own subtree" in n for n in averaged["notes"])
