@@ -560,11 +560,14 @@ def expected_calibration_error(
 ) -> dict[str, Any]:
     """Expected calibration error per depth (Guo et al. 2017), with ``n_bins`` equal-width bins.
 
-    At depth d, the predicted node is the prediction's ancestor at depth d (a prediction that
-    stopped above d is completed greedily from the conditionals); confidence is its marginal
-    probability and it is correct when it is the label's ancestor at depth d; a predicted path
-    that ends at a leaf above depth d has confidence 0 there and is wrong. Only images whose
-    label is at depth d or deeper count. ``pred_nodes`` defaults to greedy decoding.
+    At depth d the tree is cut as in :func:`depth_accuracy`: every node stands for its ancestor
+    at depth d, a leaf above d for itself. The prediction (one that stopped at an internal node
+    is completed greedily from the conditionals) is cut at d; its confidence is the marginal
+    probability of that cut node, and it is correct when it is the label cut at d. So a deep
+    image sent confidently to a wrong shallow leaf counts as a confident mistake. Images count
+    when their label says which class of the cut they are (a label at depth >= d, or a leaf):
+    the images of "accuracy, tree cut at depth d". ``n_per_depth`` gives their number.
+    ``pred_nodes`` defaults to greedy decoding.
     """
     if pred_nodes is None:
         pred_nodes = probs.decode("greedy")
@@ -576,21 +579,15 @@ def expected_calibration_error(
         p if taxonomy.is_leaf(p) else _greedy_completion(taxonomy, probs, i, p) for i, p in enumerate(pred_nodes)
     ]
     per_depth: dict[str, float | None] = {}
+    n_per_depth: dict[str, int] = {}
     for d in range(1, taxonomy.max_depth + 1):
-        conf, correct = [], []
-        for i, (t, p) in enumerate(zip(true_nodes, completed)):
-            true_d = _node_at_depth(paths, t, d)
-            pred_d = _node_at_depth(paths, p, d)
-            if true_d is None:
-                continue
-            if pred_d is None:  # reached a leaf above depth d: nothing predicted here
-                conf.append(0.0)
-                correct.append(False)
-                continue
-            conf.append(float(probs.marginal[i, taxonomy.index[pred_d]]))
-            correct.append(pred_d == true_d)
-        per_depth[str(d)] = _ece(np.array(conf), np.array(correct, dtype=float), n_bins) if conf else None
-    return {"per_depth": per_depth, "n_bins": n_bins}
+        rows = [i for i, t in enumerate(true_nodes) if len(paths[t]) > d or taxonomy.is_leaf(t)]
+        predicted = [_cut(paths, completed[i], d) for i in rows]
+        conf = np.array([probs.marginal[i, taxonomy.index[node]] for i, node in zip(rows, predicted)], dtype=float)
+        correct = np.array([_cut(paths, true_nodes[i], d) == node for i, node in zip(rows, predicted)], dtype=float)
+        per_depth[str(d)] = _ece(conf, correct, n_bins) if rows else None
+        n_per_depth[str(d)] = len(rows)
+    return {"per_depth": per_depth, "n_per_depth": n_per_depth, "n_bins": n_bins}
 
 
 # -- everything at once ---------------------------------------------------------------------

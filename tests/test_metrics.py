@@ -391,3 +391,19 @@ def test_depth_accuracy_at_the_deepest_cut_of_leaf_labels_is_leaf_accuracy(leuke
     true = list(rng.choice(leukemia.leaves, 50))
     pred = list(rng.choice(nodes, 50))
     assert depth_accuracy(leukemia, true, pred)["3"] == pytest.approx(leaf_accuracy(leukemia, true, pred))
+
+
+def test_ece_counts_a_confident_shallow_leaf_for_a_deep_image_as_a_mistake(leukemia):
+    # Two ALL images (depth 3) sent to Normal (a leaf at depth 1) with probability 0.95.
+    leaf = np.zeros((2, len(leukemia.leaves)))
+    leaf[:, leukemia.leaves.index("Normal")] = 0.95
+    leaf[:, leukemia.leaves.index("ALL")] = 0.05
+    probs = NodeProbabilities.from_leaf_probabilities(leukemia, leaf)
+    result = expected_calibration_error(leukemia, ["ALL", "ALL"], probs)
+    for depth in ("1", "2", "3"):  # cut at any depth, Normal is itself: confidence 0.95, wrong
+        assert result["per_depth"][depth] == pytest.approx(0.95)
+    assert result["n_per_depth"] == {"1": 2, "2": 2, "3": 2}
+    # A Normal image counts at every depth (a leaf stands for itself), an image labelled Leukemia only at depth 1
+    both = expected_calibration_error(leukemia, ["Normal", "Leukemia"], probs)
+    assert both["n_per_depth"] == {"1": 2, "2": 1, "3": 1}
+    assert both["per_depth"]["3"] == pytest.approx(0.05)  # the Normal image: right at 0.95
