@@ -10,7 +10,9 @@ epoch would show nothing until its end. So when the console's stream is not a te
 * ``bars_enabled`` is false: callers turn their rich progress bars off;
 * ``EpochProgress`` prints one plain line every ``log_interval()`` seconds while a training
   unit's epoch runs (step/total, images/s, running loss); in a terminal it is a bar that shows
-  the running loss from the first steps on.
+  the running loss from the first steps on;
+* ``TaskProgress`` does the same for counted work (decoding, predicting, Grad-CAM): a bar in a
+  terminal, a ``done/total, rate, elapsed`` line every ``log_interval()`` seconds in a log.
 
 The interval is ``DEFAULT_LOG_INTERVAL_S`` (30 s); the environment variable
 ``HIERCLS_LOG_INTERVAL`` sets another (seconds; 0 turns the lines off).
@@ -36,8 +38,8 @@ from rich.progress import (
 from hiercls.errors import ConfigError
 
 __all__ = [
-    "DEFAULT_LOG_INTERVAL_S", "LOG_INTERVAL_ENV", "EpochProgress", "bars_enabled", "is_log", "log_interval",
-    "make_console",
+    "DEFAULT_LOG_INTERVAL_S", "LOG_INTERVAL_ENV", "EpochProgress", "TaskProgress", "bars_enabled", "is_log",
+    "log_interval", "make_console",
 ]
 
 DEFAULT_LOG_INTERVAL_S = 30.0
@@ -165,3 +167,60 @@ class EpochProgress:
     def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+class TaskProgress:
+    """Progress of counted work (images decoded, predicted, hashed): a bar in a terminal, a line
+    now and then in a log.
+
+    A drop-in for the part of ``rich.progress.Progress`` the commands use (a context manager,
+    ``add_task``, ``advance``). In a terminal it is rich's transient bar; in a log (see
+    ``is_log``) it prints ``description: done/total, rate/s, elapsed`` every ``log_interval()``
+    seconds, so a long prediction is not silent until its end. ``enabled=False`` (``--no-progress``)
+    shows neither. ``console`` defaults to a stderr console.
+    """
+
+    def __init__(self, console: Console | None = None, *, enabled: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
+        self.console = console if console is not None else make_console(stderr=True)
+        self.clock = clock
+        self.log = enabled and is_log(self.console) and not self.console.quiet
+        self.interval = log_interval() if self.log else math.inf
+        self.bar: Progress | None = None
+        if not self.log:
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=self.console, transient=True, disable=not enabled or self.console.quiet,
+            )
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> TaskProgress:
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def add_task(self, description: str, total: int) -> int:
+        if self.bar is not None:
+            return int(self.bar.add_task(description, total=total))
+        now = self.clock()
+        task = len(self.tasks)
+        self.tasks[task] = {"description": description, "total": total, "done": 0, "started": now, "shown": now}
+        return task
+
+    def advance(self, task: int, amount: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.advance(task, amount)
+            return
+        state = self.tasks[task]
+        state["done"] += amount
+        now = self.clock()
+        if self.log and now - state["shown"] >= self.interval and state["done"] < state["total"]:
+            elapsed = now - state["started"]
+            rate = state["done"] / max(1e-9, elapsed)
+            self.console.print(f"{state['description']}: {state['done']}/{state['total']}, {rate:.1f}/s, "
+                               f"{elapsed:.0f} s", highlight=False, markup=False)
+            state["shown"] = now

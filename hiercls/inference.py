@@ -19,17 +19,11 @@ import numpy as np
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
 from hiercls.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from hiercls.checkpoint import load_weights, read_metadata, weights_checkpoint_id
 from hiercls.config import FitConfig
+from hiercls.console import TaskProgress
 from hiercls.errors import CheckpointError, ConfigError, HierclsError
 from hiercls.io import RUN_FILE_BYTES, load_yaml, read_user_text
 from hiercls.plugins import check_run_provenance
@@ -95,8 +89,7 @@ def predict_conditionals(
     n = len(images)
     was_training = model.training
     model.eval()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar = Progress(*columns, console=console, transient=True, disable=not progress)
+    bar = TaskProgress(console, enabled=progress)  # a bar in a terminal, a line now and then in a log
     try:
         with bar, torch.inference_mode():
             out = torch.empty((n, model.taxonomy.num_nodes), dtype=torch.float32, device=device)

@@ -141,6 +141,22 @@ def test_calibrate_and_explain_logs_are_clean(project: Path, fit_log, tmp_path: 
     assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 2
 
 
+def test_predict_and_decoding_print_progress_lines_in_a_log(project: Path, fit_log, tmp_path: Path) -> None:
+    run, _ = fit_log
+    text = run_cli(["predict", "--run", str(run), "--data", str(project / "data"), "--out", str(tmp_path / "p.csv"),
+                    "--device", "cpu", "--batch-size", "4"], tmp_path, tmp_path / "predict.log",
+                   HIERCLS_LOG_INTERVAL="0.000001")  # cwd tmp_path: a fresh image cache, so decoding shows
+    assert_clean_log(text)
+    predicting = re.findall(r"^predicting: (\d+)/40, [\d.]+/s, \d+ s$", text, re.M)
+    assert predicting and all(0 < int(done) < 40 for done in predicting), text
+    assert re.search(r"^decoding 40 images at 16px: \d+/40, [\d.]+/s, \d+ s$", text, re.M), text
+    (tmp_path / "again").mkdir()
+    quiet = run_cli(["predict", "--run", str(run), "--data", str(project / "data"), "--out", str(tmp_path / "q.csv"),
+                     "--device", "cpu", "--batch-size", "4", "--no-progress"], tmp_path / "again",
+                    tmp_path / "quiet.log", HIERCLS_LOG_INTERVAL="0.000001")
+    assert not re.search(r"^(predicting|decoding)", quiet, re.M), quiet
+
+
 def test_cv_log_is_clean_and_its_rules_stay_short(project: Path) -> None:
     config = project / "cv.yaml"
     config.write_text(yaml.safe_dump({

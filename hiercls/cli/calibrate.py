@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 
 from hiercls.cli import add_command
-from hiercls.console import bars_enabled, make_console
+from hiercls.console import make_console
 
 
 def register(subparsers) -> None:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     console = make_console(stderr=True)
     payload = calibrate_run(args.run, args.checkpoint, device=args.device, batch_size=args.batch_size,
-                            progress=bars_enabled(console, args.progress), console=console)
+                            progress=args.progress, console=console)
     from pathlib import Path
 
     from hiercls.calibration import CALIBRATION_FILE

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from hiercls.aggregate import GROUP_SCORINGS, get_aggregator, group_column_title
 from hiercls.cli import add_command
-from hiercls.console import bars_enabled, make_console
+from hiercls.console import make_console
 from hiercls.errors import ConfigError
 from hiercls.probabilities import DECODE_METHODS
 from hiercls.taxonomy import Taxonomy, load_taxonomy
@@ -226,7 +226,7 @@ def _evaluate(args: argparse.Namespace):
         return evaluate_prediction_set(taxonomy, read_predictions_csv(args.predictions, taxonomy), **scoring)
     return evaluate_run(
         args.run, data=args.data, split=args.split, checkpoint=args.checkpoint, group_regex=args.group_regex,
-        batch_size=args.batch_size, device=args.device, progress=bars_enabled(console, args.progress), console=console,
+        batch_size=args.batch_size, device=args.device, progress=args.progress, console=console,
         taxonomy=args.taxonomy, calibrated=args.calibrated, **scoring,
     )
 

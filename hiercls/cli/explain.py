@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hiercls.cli import add_command
-from hiercls.console import bars_enabled, make_console
+from hiercls.console import TaskProgress, make_console
 from hiercls.errors import ConfigError, DataError
 
 PANEL_SUFFIX = "_gradcam.png"
@@ -102,13 +102,6 @@ def panel_names(images: list[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
     from hiercls.augment import normalize
     from hiercls.data.cache import decode_resized
@@ -144,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
     written: list[tuple[Path, str, Path]] = []
     rows: list[tuple[str, ...]] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True, disable=not bars_enabled(err, args.progress)) as bar:
+    with TaskProgress(err, enabled=args.progress) as bar:
         task = bar.add_task("Grad-CAM", total=len(images))
         for image_path, panel in zip(images, targets):
             try:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hiercls.cli import add_command
-from hiercls.console import bars_enabled, make_console
+from hiercls.console import make_console
 
 if TYPE_CHECKING:
     from hiercls.taxonomy import Taxonomy
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     for line in run_image_warnings(args.run, table.paths, args.checkpoint) + _calibration_warnings(loaded, table.paths):
         console.print(f"[yellow]warning:[/] {line}", highlight=False)
     probs = predict_table(loaded, table, batch_size=args.batch_size, device=args.device,
-                          progress=bars_enabled(console, args.progress), console=console, compile=args.compile,
+                          progress=args.progress, console=console, compile=args.compile,
                           calibrated=args.calibrated)
     method = args.decode or loaded.config.decode
     threshold = args.threshold if args.threshold is not None else loaded.config.threshold

@@ -44,15 +44,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
-from hiercls.console import bars_enabled
+from hiercls.console import TaskProgress
 from hiercls.data.images import open_rgb
 from hiercls.errors import DataError
 
@@ -444,12 +437,6 @@ class ImageCache:
         return todo
 
 
-def _progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not bars_enabled(None, enabled),  # none in a log: a stopped bar leaves a blank line there
-        transient=True,
-    )
+def _progress_bar(enabled: bool) -> TaskProgress:
+    # a bar in a terminal; in a log a line every 30 s (never a blank line when a bar stops)
+    return TaskProgress(enabled=enabled)
