@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 
@@ -15,9 +16,16 @@ from hiercls.errors import ConfigError
 
 __all__ = ["autocast_context", "configure_backends", "resolve_device", "use_channels_last"]
 
+# The names `fit` accepts (config.FitConfig) are the names every other command accepts.
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; an unavailable cuda is a ConfigError."""
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; a wrong or unavailable device is a ConfigError."""
+    name = str(name)
+    if not _DEVICE_NAME.fullmatch(name):
+        # torch.device() would take e.g. 'meta' or 'xla' and fail later, or raise a RuntimeError on 'gpu'
+        raise ConfigError(f"--device: '{name}' is not a device; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):

@@ -23,6 +23,7 @@ from hiercls.models.backbone import (
     find_gradcam_layer,
     load_backbone_weights,
     read_weights_file,
+    rejected_options,
     set_backbone_attributes,
     weights_file,
 )
@@ -112,7 +113,7 @@ def _create(model_name: str, kwargs: dict[str, Any], img_size: int | None = None
     except TypeError as exc:
         if "unexpected keyword" in str(exc) and kwargs:
             raise ConfigError(
-                f"timm model '{model_name}' does not accept option(s) {', '.join(sorted(kwargs))} ({exc})"
+                f"timm model '{model_name}' does not accept option(s) {', '.join(rejected_options(exc, kwargs))} ({exc})"
             ) from None
         raise
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = [
     "find_gradcam_layer",
     "load_backbone_weights",
     "read_weights_file",
+    "rejected_options",
     "set_backbone_attributes",
     "weights_file",
 ]
@@ -115,6 +117,16 @@ class _DryRunFailure(Exception):
         self.model: nn.Module | None = None
 
 
+def rejected_options(exc: TypeError, given: dict[str, Any]) -> list[str]:
+    """The options of ``given`` that a constructor's "unexpected keyword argument" TypeError names.
+
+    Python names the first rejected keyword only; when it is not one of ``given`` (a factory
+    passed it on), every given option is returned, as none can be ruled out.
+    """
+    named = re.findall(r"unexpected keyword argument '([^']+)'", str(exc))
+    return [name for name in named if name in given] or sorted(given)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
@@ -132,7 +144,7 @@ def _build(
         if kwargs and "unexpected keyword" in str(exc):
             raise ConfigError(
                 f"backbone '{name}' (plugin {registration.plugin}) does not accept option(s) "
-                f"{', '.join(sorted(kwargs))}: {exc}. Remove them from the backbone options."
+                f"{', '.join(rejected_options(exc, kwargs))}: {exc}. Remove them from the backbone options."
             ) from None
         raise _DryRunFailure("its factory raised", exc) from None
     except Exception as exc:

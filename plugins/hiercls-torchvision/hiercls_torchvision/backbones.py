@@ -15,6 +15,7 @@ from hiercls.models.backbone import (
     find_gradcam_layer,
     load_backbone_weights,
     read_weights_file,
+    rejected_options,
     set_backbone_attributes,
 )
 
@@ -101,7 +102,7 @@ def create_torchvision_backbone(name: str, pretrained: str | Path | None = None,
         else:
             model = torchvision.models.get_model(arch, weights=None, **options)
     except TypeError as exc:
-        raise ConfigError(f"backbone '{name}' does not accept option(s) {', '.join(sorted(kwargs))} ({exc})") from None
+        raise ConfigError(f"backbone '{name}' does not accept option(s) {', '.join(rejected_options(exc, kwargs))} ({exc})") from None
     except ValueError as exc:  # torchvision validates e.g. ViT image_size against the patch size
         raise ConfigError(f"backbone '{name}': {exc}") from None
     removed, num_features = _remove_classifier(model, name)
