@@ -91,3 +91,11 @@ def test_taxonomy_mistakes_name_the_line_and_the_fix(tmp_path, text, expected):
         load_taxonomy(path)
     message = str(caught.value)
     assert "Input should be" not in message and "'None'" not in message and "\n" not in message
+
+
+def test_a_duplicate_key_in_a_run_taxonomy_is_refused_with_the_file(tmp_path):
+    from hiercls.calibration import _run_taxonomy
+
+    (tmp_path / "taxonomy.yaml").write_text("children: [a, b]\nroot: r\nchildren: [c, d]\n")
+    with pytest.raises(CheckpointError, match=r"taxonomy\.yaml:3: duplicate key 'children' \(first at line 1\)"):
+        _run_taxonomy(tmp_path)
