@@ -296,10 +296,17 @@ def paths_digest(paths: Sequence[object]) -> str:
 
 
 def _run_taxonomy(run_dir: Path) -> Taxonomy:
-    from hiercls.io import RUN_FILE_BYTES, load_yaml, read_user_text
+    import yaml
 
-    text = read_user_text(run_dir / "taxonomy.yaml", "run taxonomy", CheckpointError, max_bytes=RUN_FILE_BYTES)
-    return Taxonomy.from_dict(load_yaml(text), source=str(run_dir / "taxonomy.yaml"))
+    from hiercls.io import RUN_FILE_BYTES, YamlTooLarge, load_yaml, read_user_text, yaml_error_message
+
+    path = run_dir / "taxonomy.yaml"
+    text = read_user_text(path, "run taxonomy", CheckpointError, max_bytes=RUN_FILE_BYTES)
+    try:
+        data = load_yaml(text)
+    except (yaml.YAMLError, YamlTooLarge) as exc:  # a damaged or hand-edited run file: one line, no traceback
+        raise CheckpointError(yaml_error_message(path, exc)) from None
+    return Taxonomy.from_dict(data, source=str(path))
 
 
 def _validate_payload(payload: Any, taxonomy: Taxonomy, source: str) -> dict[str, Any]:

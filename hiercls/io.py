@@ -21,6 +21,7 @@ import yaml
 __all__ = [
     "RUN_FILE_BYTES",
     "BoundedSafeLoader",
+    "DuplicateYamlKey",
     "YamlTooLarge",
     "atomic_write",
     "atomic_write_bytes",
@@ -60,7 +61,10 @@ def read_user_text(path: str | Path, what: str, error: type[Exception], encoding
 
 
 def yaml_error_message(path: str | Path, exc: Exception) -> str:
-    """``FILE:LINE:COLUMN: YAML syntax error: PROBLEM`` for a PyYAML parse error."""
+    """``FILE:LINE:COLUMN: YAML syntax error: PROBLEM`` for a PyYAML parse error
+    (``FILE:LINE: duplicate key ...`` for a repeated mapping key)."""
+    if isinstance(exc, DuplicateYamlKey):
+        return f"{path}:{exc.line}: {exc.problem}"
     mark = getattr(exc, "problem_mark", None)
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -114,16 +118,61 @@ def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+class DuplicateYamlKey(yaml.constructor.ConstructorError):
+    """A mapping that gives the same key twice. PyYAML keeps the last value silently, which in a
+    hand-edited file drops a whole subtree or option; ``str()`` is one line: ``line N: duplicate key ...``."""
+
+    def __init__(self, key: str, line: int, first_line: int):
+        mark = yaml.Mark("<yaml>", 0, line - 1, 0, None, None)
+        problem = (f"duplicate key '{key}' (first at line {first_line}); remove one of them, "
+                   "or merge the two into one")
+        super().__init__(problem=problem, problem_mark=mark)
+        self.key, self.line, self.first_line = key, line, first_line
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.problem}"
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_duplicate_keys(root: yaml.Node) -> None:
+    """Refuse a mapping that repeats a scalar key, before anything is constructed.
+
+    Checked on the raw node graph, before merge keys (``<<: *base``) are flattened, so a key
+    that overrides a merged one is still allowed. Each node is visited once (aliases share nodes).
+    """
+    visited: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_seen: dict[tuple[str, str], yaml.Node] = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                    continue
+                first = first_seen.setdefault((key.tag, key.value), key)
+                if first is not key:
+                    raise DuplicateYamlKey(key.value, key.start_mark.line + 1, first.start_mark.line + 1)
+        stack.extend(_yaml_children(node))
+
+
 class BoundedSafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses documents whose aliases expand beyond ``MAX_YAML_NODES``."""
+    """``yaml.SafeLoader`` that refuses documents whose aliases expand beyond ``MAX_YAML_NODES``
+    and mappings that repeat a key (``DuplicateYamlKey``, a ``yaml.YAMLError``)."""
 
     def construct_document(self, node):  # type: ignore[override]
         _check_expanded_size(node)
+        _check_duplicate_keys(node)
         return super().construct_document(node)
 
 
 def load_yaml(text: str, loader: type[BoundedSafeLoader] = BoundedSafeLoader) -> Any:
-    """``yaml.safe_load`` with alias expansion bounded (raises ``YamlTooLarge``, a ValueError).
+    """``yaml.safe_load`` with alias expansion bounded (raises ``YamlTooLarge``, a ValueError)
+    and duplicate mapping keys refused (raises ``DuplicateYamlKey``, a ``yaml.YAMLError``).
 
     ``loader`` must be ``BoundedSafeLoader`` or a subclass: safe constructors only.
     """

@@ -75,7 +75,9 @@ class NodeSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _bare_string_is_leaf(cls, value: Any) -> Any:
-        if isinstance(value, str):
+        if value is None:
+            raise ValueError("an empty list item; write a node name after '-' or delete the line")
+        if isinstance(value, (str, int, float)):  # a bare number or yes/no: the name check explains it
             return {"name": value}
         return value
 
@@ -85,10 +87,24 @@ class NodeSpec(BaseModel):
         items = value if isinstance(value, list) else [value]
         for item in items:
             if not isinstance(item, str):
-                raise ValueError(f"{item!r} is not a string; quote it in the YAML (e.g. '{item}')")
+                raise ValueError(_not_a_name(item))
+            if not item:
+                raise ValueError("the name is empty; write the node's name, or delete the entry")
             if item != item.strip():
                 raise ValueError(f"{item!r} has leading or trailing spaces")
         return value
+
+
+def _not_a_name(item: Any) -> str:
+    """Why a YAML value is not a usable name, and how to write it."""
+    if item is None:
+        return "the name is empty; write the node's name after 'name:', or delete the entry"
+    if isinstance(item, bool):
+        return (f"{item} is not a string (YAML reads an unquoted yes/no/on/off/true/false as a boolean); "
+                "quote the name as you mean it (e.g. 'yes')")
+    if isinstance(item, (int, float)):
+        return f"{item} is not a string; quote it in the YAML (e.g. '{item}')"
+    return f"a {type(item).__name__} is not a name; write the name as text"
 
 
 class TaxonomySpec(BaseModel):
@@ -112,6 +128,13 @@ class _LineStr(str):
     line: int | None = None
 
 
+class _LineList(list):
+    """A YAML sequence that remembers the (1-based) line of each item, for items that are
+    not strings (a bare ``- 12`` or an empty ``-``) and so cannot carry a line themselves."""
+
+    lines: list[int]
+
+
 class _LineLoader(yaml.SafeLoader):
     def construct_scalar(self, node):  # type: ignore[override]
         value = super().construct_scalar(node)
@@ -120,8 +143,15 @@ class _LineLoader(yaml.SafeLoader):
             value.line = node.start_mark.line + 1
         return value
 
+    def construct_yaml_seq(self, node):  # type: ignore[override]
+        data = _LineList()
+        data.lines = [item.start_mark.line + 1 for item in node.value]
+        yield data
+        data.extend(self.construct_sequence(node))
+
 
 _LineLoader.add_constructor("tag:yaml.org,2002:str", _LineLoader.construct_scalar)
+_LineLoader.add_constructor("tag:yaml.org,2002:seq", _LineLoader.construct_yaml_seq)
 
 MAX_DEPTH = 64
 
@@ -184,9 +214,39 @@ def _format_validation_error(source: str, error: ValidationError, data: Any = No
         allowed = ", ".join(NodeSpec.model_fields if len(first["loc"]) > 1 else TaxonomySpec.model_fields)
         message = f"unknown key '{key}' at {loc or 'top level'} (allowed keys: {allowed})"
         return f"{_where(source, key)}: {message}"
-    message = first["msg"].removeprefix("Value error, ")
+    message = _friendly_message(first)
     more = f" (and {len(error.errors()) - 1} more problems)" if len(error.errors()) > 1 else ""
-    return f"{source}: {message} at {loc or 'top level'}{more}"
+    return f"{_where(source, _line_at(data, first['loc']))}: {message} at {loc or 'top level'}{more}"
+
+
+def _friendly_message(error: dict[str, Any]) -> str:
+    """pydantic's message, with the usual YAML slips told in the taxonomy's own terms."""
+    if error["type"] == "list_type" and error["loc"][-1:] == ("children",):
+        if isinstance(error["input"], dict):
+            return ("'children' is a mapping but must be a list: write one '- name' (or '- name: ...' "
+                    "with its own 'children') per line")
+        if error["input"] is None:
+            return "'children' is empty; list the child nodes under it, or delete the key for a leaf"
+    if error["type"] in ("model_type", "dict_type") and error["loc"][-2:-1] == ("children",):
+        return f"{error['input']!r} is not a node; write a name ('- a') or a mapping ('- name: a')"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def _line_at(data: Any, loc: tuple) -> int | None:
+    """The line of the value at pydantic's ``loc`` in the raw YAML data, or of the nearest
+    enclosing entry whose line is known (keys and sequence items carry their lines)."""
+    line, node = None, data
+    for part in loc:
+        if isinstance(node, dict):
+            key = next((k for k in node if k == part), None)
+            if key is None:
+                break
+            line, node = getattr(key, "line", None) or line, node[key]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            line, node = (getattr(node, "lines", None) or [line] * len(node))[part], node[part]
+        else:
+            break
+    return line
 
 
 MAX_FILE_BYTES = 16 * 2**20
