@@ -102,7 +102,8 @@ def create_torchvision_backbone(name: str, pretrained: str | Path | None = None,
         else:
             model = torchvision.models.get_model(arch, weights=None, **options)
     except TypeError as exc:
-        raise ConfigError(f"backbone '{name}' does not accept option(s) {', '.join(rejected_options(exc, kwargs))} ({exc})") from None
+        rejected = ", ".join(rejected_options(exc, kwargs))
+        raise ConfigError(f"backbone '{name}' does not accept option(s) {rejected} ({exc})") from None
     except ValueError as exc:  # torchvision validates e.g. ViT image_size against the patch size
         raise ConfigError(f"backbone '{name}': {exc}") from None
     removed, num_features = _remove_classifier(model, name)
