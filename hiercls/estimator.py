@@ -1,8 +1,13 @@
 """``HierarchicalImageClassifier``: hiercls as a scikit-learn style estimator.
 
-``fit(X, y)`` trains through the same engine as ``hiercls fit`` and leaves an ordinary run
-folder behind, so a model trained in a notebook is predicted, evaluated and explained by the
-command line, and a run of the command line loads as an estimator (``load``).
+``fit(X, y)`` trains through the same engine as ``hiercls fit`` and writes an ordinary run
+folder, so a model trained in a notebook is predicted, evaluated and explained by the
+command line (after ``save``), and a run of the command line loads as an estimator (``load``).
+
+Without ``run_dir`` the run folder is temporary and the estimator owns it: it is removed when
+the estimator is garbage-collected (or at interpreter exit), on ``close()``, when a refit
+replaces it, and at once when ``fit`` fails. A folder given as ``run_dir``, a folder passed to
+``load`` and a copy made by ``save`` belong to the user and are never removed.
 
 ``X`` is a sequence of image paths, or decoded images: a ``uint8`` array ``[N, H, W, 3]``
 (or a list of ``uint8 [H, W, 3]`` arrays). Paths are listed in a temporary manifest and
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from hiercls.errors import ConfigError, DataError
-from hiercls.probabilities import NodeProbabilities
+from hiercls.probabilities import NodeProbabilities, _check_threshold
 from hiercls.taxonomy import Taxonomy, load_taxonomy
 
 __all__ = ["HierarchicalImageClassifier", "InputError", "NotFittedError"]
@@ -125,19 +131,46 @@ class HierarchicalImageClassifier(ClassifierMixin, BaseEstimator):
         x_val, y_val = (None, [])
         if validation_data is not None:
             x_val, y_val = _check_validation(validation_data, taxonomy, x_train)
+        temporary = self.run_dir is None
+        out = Path(tempfile.mkdtemp(prefix="hiercls-run-")) if temporary else Path(self.run_dir)
         workspace = Path(tempfile.mkdtemp(prefix="hiercls-fit-"))
+        fitted = False
         try:
-            config, source = self._fit_inputs(workspace, taxonomy, x_train, y_train, x_val, y_val)
+            config, source = self._fit_inputs(workspace, out, taxonomy, x_train, y_train, x_val, y_val)
             overwrite = getattr(self, "run_dir_", None) == Path(config.out).expanduser().resolve()  # a refit replaces its own run
             result = engine_fit(config, self._console(), overwrite=overwrite, progress=self.verbose, source=source)
+            if result.interrupted:
+                hint = ("pass run_dir=... to keep a resumable run" if temporary
+                        else f"continue with `hiercls fit --out {result.run_dir} --resume`")
+                raise KeyboardInterrupt(f"training interrupted; {hint}")
+            self._set_fitted(result.run_dir, owned=temporary)
+            fitted = True
         finally:
             shutil.rmtree(workspace, ignore_errors=True)
-        if result.interrupted:
-            raise KeyboardInterrupt(f"training interrupted; continue with `hiercls fit --out {result.run_dir} --resume`")
-        self._set_fitted(result.run_dir)
+            if temporary and not fitted:  # a failed fit leaves nothing behind; a user's run_dir is never touched
+                shutil.rmtree(out, ignore_errors=True)
         return self
 
-    def _fit_inputs(self, workspace: Path, taxonomy: Taxonomy, x_train, y_train, x_val, y_val):
+    def _replace_run_owner(self, run_dir: Path, owned: bool) -> None:
+        """Remove the previous temporary run folder (a refit replaces it) and own ``run_dir`` if ``owned``."""
+        previous = self.__dict__.get("_run_owner")
+        if previous is not None and previous.alive:
+            if previous.peek()[2][0] == str(run_dir):
+                previous.detach()  # the same folder, now the user's (given back as run_dir): keep it
+            else:
+                previous()
+        self._run_owner = weakref.finalize(self, shutil.rmtree, str(run_dir), ignore_errors=True) if owned else None
+
+    def close(self) -> None:
+        """Remove the temporary run folder now (the model stays usable in memory; ``save`` no longer works).
+
+        Does nothing when the run folder is the user's (``run_dir``, ``load``).
+        """
+        owner = self.__dict__.get("_run_owner")
+        if owner is not None:
+            owner()
+
+    def _fit_inputs(self, workspace: Path, out: Path, taxonomy: Taxonomy, x_train, y_train, x_val, y_val):
         """The FitConfig and (for arrays or given validation data) the in-memory TrainingSource."""
         from hiercls.config import load_config
         from hiercls.engine import TrainingSource
@@ -146,7 +179,6 @@ class HierarchicalImageClassifier(ClassifierMixin, BaseEstimator):
         x_all = _concat(x_train, x_val)
         labels = list(y_train) + list(y_val)
         val_idx = np.arange(len(y_train), len(labels)) if x_val is not None else None
-        out = Path(self.run_dir) if self.run_dir is not None else Path(tempfile.mkdtemp(prefix="hiercls-run-"))
         options = self._config_options(taxonomy_path, out)
         if not _is_paths(x_all):
             options["data"] = str(workspace)  # recorded only: the images come in memory
@@ -204,10 +236,12 @@ class HierarchicalImageClassifier(ClassifierMixin, BaseEstimator):
 
         return Console(stderr=True, quiet=not self.verbose)
 
-    def _set_fitted(self, run_dir: Path, which: str = "best") -> None:
+    def _set_fitted(self, run_dir: Path, which: str = "best", owned: bool = False) -> None:
+        """Load the run; ``owned``: a temporary run folder this estimator removes (see the module doc)."""
         from hiercls.inference import load_run
 
         loaded = load_run(run_dir, which)
+        self._replace_run_owner(Path(loaded.run_dir), owned)
         self.loaded_run_ = loaded
         self.checkpoint_ = which
         self.model_ = loaded.model
@@ -221,6 +255,12 @@ class HierarchicalImageClassifier(ClassifierMixin, BaseEstimator):
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "model_")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (pickle, copy.deepcopy) never owns the temporary run folder: only the original removes it
+        state = dict(super().__getstate__())  # object.__getstate__ may return __dict__ itself
+        state.pop("_run_owner", None)
+        return state
 
     def predict_proba(self, X) -> NodeProbabilities:
         """Probabilities of every node of the tree for each image (``NodeProbabilities``).
@@ -243,9 +283,10 @@ class HierarchicalImageClassifier(ClassifierMixin, BaseEstimator):
         ``threshold``; with ``threshold`` an image stops at an internal node when its best
         child is less likely than ``threshold`` (default: the ``threshold`` parameter).
         """
-        probs = self.predict_proba(X)
         method = self.decode if decode is None else decode
         cut = self.threshold if threshold is None else threshold
+        _check_threshold(cut)  # before the model runs
+        probs = self.predict_proba(X)
         return np.array(probs.decode(method, threshold=cut), dtype=object)
 
     def evaluate(
@@ -317,6 +358,9 @@ class HierarchicalImageClassifier(ClassifierMixin, BaseEstimator):
     def save(self, path: str | Path) -> Path:
         """Copy the run folder to ``path`` (new or empty): the CLI's predict/evaluate/explain take it."""
         check_is_fitted(self)
+        if not self.run_dir_.is_dir():
+            raise ConfigError(f"{self.run_dir_}: the temporary run folder was removed (close()); "
+                              "fit again, with run_dir=... to keep the run folder")
         target = Path(path).expanduser().resolve()
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise ConfigError(f"{target}: already exists and is not an empty folder; choose another path")

@@ -114,6 +114,8 @@ class NodeProbabilities:
         return self.taxonomy.decode(self.decode_indices(method, threshold))
 
     def decode_indices(self, method: DecodeMethod = "greedy", threshold: float = 0.5) -> np.ndarray:
+        """``decode`` as node indices; refuses a ``threshold`` outside [0, 1] (ConfigError)."""
+        _check_threshold(threshold)
         tax = self.taxonomy
         if method == "best_leaf":
             leaf_idx = np.array([tax.index[leaf] for leaf in tax.leaves])
@@ -135,6 +137,17 @@ class NodeProbabilities:
                 current[rows[sure]] = children[best[sure]]
                 active[rows[~sure]] = False
         return current
+
+
+def _check_threshold(threshold: float) -> None:
+    """The stop threshold is compared with probabilities: a value outside [0, 1] (or NaN) would
+    silently stop every image at the root (> 1, NaN) or never stop (< 0)."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold}; it is compared with probabilities")
 
 
 def _conditionals_from_marginals(taxonomy: Taxonomy, marginal: np.ndarray) -> np.ndarray:
