@@ -98,7 +98,8 @@ def register(subparsers) -> None:
     parser.add_argument("--title", default="Evaluation report", help="title of report.md")
     parser.add_argument("--ci", action="store_true", help="95%% bootstrap confidence intervals of accuracy, macro-F1 "
                         "and hP/hR/hF (over groups with --group-by; docs/statistics.md)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier evaluation in OUT (metrics.json, report.md, "
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files of an earlier evaluation in OUT (metrics.json, report.md, "
                         "report.html, predictions.csv, the PNG figures); without it, any of them is refused")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="with --run: no progress bars while images are decoded and predicted (logs)")
