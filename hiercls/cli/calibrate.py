@@ -21,7 +21,7 @@ def register(subparsers) -> None:
             "node of the tree (p_i^(1/T) renormalised over the node's children, T minimising the "
             "negative log-likelihood of the true child) and write RUN/calibration.json. `hiercls "
             "predict`, `hiercls evaluate --run` and the Python estimator then give calibrated "
-            "probabilities (`hiercls predict --no-calibration` gives the raw ones). Prints the "
+            "probabilities with that checkpoint (`hiercls predict --no-calibration` gives the raw ones). Prints the "
             "temperatures and the expected calibration error before and after (docs/metrics.md)."
         ),
         example_lines=(
@@ -30,8 +30,12 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--run", required=True, metavar="RUN", help="run folder written by `hiercls fit`")
+    # best, as predict, evaluate --data and the estimator use by default; evaluate --split scores last
+    # by default and its summary names this mismatch with the command for either way out.
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                   help="checkpoint to calibrate (default: best); predictions with the other one stay uncalibrated")
+                   help="checkpoint to calibrate (default: best, the one predict, evaluate --data and the estimator "
+                   "use); predictions with the other one stay uncalibrated, so `evaluate --split val` (last by "
+                   "default) needs --checkpoint best to score these temperatures")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="default: auto")
     p.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", default=None,
                    help="default: twice the run's batch size")

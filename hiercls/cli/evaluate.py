@@ -98,7 +98,9 @@ def register(subparsers) -> None:
     parser.add_argument("--title", default="Evaluation report", help="title of report.md")
     parser.add_argument("--ci", action="store_true", help="95%% bootstrap confidence intervals of accuracy, macro-F1 "
                         "and hP/hR/hF (over groups with --group-by; docs/statistics.md)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/metrics.json and report")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files of an earlier evaluation in OUT (metrics.json, report.md, "
+                        "report.html, predictions.csv, the PNG figures); without it, any of them is refused")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="with --run: no progress bars while images are decoded and predicted (logs)")
     parser.set_defaults(func=run)
@@ -136,20 +138,33 @@ def _output_dir(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder; choose a folder")
-    owned = [out / "metrics.json", out / "report.md"] + ([out / "predictions.csv"] if args.run else [])
-    existing = [p for p in owned if p.exists()]
-    if existing and not args.overwrite:
-        raise ConfigError(
-            f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out"
-        )
+    if not args.overwrite:
+        existing = next((path for path in _owned_files(out, run=bool(args.run)) if path.exists()), None)
+        if existing is not None:
+            raise ConfigError(f"{existing} already exists; pass --overwrite to replace it or choose another --out")
     return out
+
+
+def _owned_files(out: Path, *, run: bool) -> list[Path]:
+    """Every file ``evaluate`` may write into OUT, in a fixed order, known before any work.
+
+    Which confusion matrices are drawn depends on the predictions, so every existing
+    ``confusion_at_*.png`` counts as one (the name pattern is the report's own).
+    """
+    from hiercls.figures import FIGURE_NAMES, confusion_figure_name
+
+    names = ["metrics.json", "report.md", "report.html"] + (["predictions.csv"] if run else [])
+    files = [out / name for name in names + list(FIGURE_NAMES.values())]
+    if out.is_dir():
+        files += sorted(out.glob(confusion_figure_name("*")))
+    return files
 
 
 def _fmt(value: Any) -> str:
     return "–" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
 
 
-def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> None:
+def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path, not_calibrated: str) -> None:
     groups = metrics.get("groups")
     table = Table(title="evaluation", show_header=True, header_style="bold")
     table.add_column("metric")
@@ -181,7 +196,7 @@ def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> No
         cells = [_fmt(get(metrics))] + ([_fmt(get(groups))] if groups else [])
         table.add_row(name, *cells)
     console.print(table)
-    for line in _probability_lines(metrics):
+    for line in _probability_lines(metrics, not_calibrated):
         console.print(line, highlight=False)
     for note in metrics["notes"]:
         console.print(f"[dim]note: {note}[/]", highlight=False)
@@ -191,15 +206,18 @@ def _print_summary(metrics: dict[str, Any], taxonomy: Taxonomy, out: Path) -> No
     console.print(f"report: {(out / 'report.html').resolve()} (open it in a browser)", highlight=False)
 
 
-def _probability_lines(metrics: dict[str, Any]) -> list[str]:
-    """ECE before / after calibration and the threshold that keeps the target accuracy, when known."""
+def _probability_lines(metrics: dict[str, Any], not_calibrated: str) -> list[str]:
+    """ECE before / after calibration and the threshold that keeps the target accuracy, when known.
+
+    ``not_calibrated`` (from :func:`_why_not_calibrated`) follows the ECE when there is no "after".
+    """
     lines = []
     calibration = metrics.get("calibration") or {}
     before = (calibration.get("ece_before") or {}).get("overall")
     if before is not None:
         after = (calibration.get("ece_after") or {}).get("overall")
         lines.append(f"ECE (leaves) {before:.4f}" + (f" -> {after:.4f} after calibration" if after is not None else
-                                                      " (not calibrated: `hiercls calibrate --run RUN`)"))
+                                                      f" ({not_calibrated})"))
     target = metrics.get("selective_target")
     if target:
         row = target["row"]
@@ -208,6 +226,36 @@ def _probability_lines(metrics: dict[str, Any]) -> list[str]:
             f"({row['n_decided']} of {row['n']}), accuracy {row['accuracy']:.4f} on them" if row else
             "no threshold reaches it (see the selective table in the report)"))
     return lines
+
+
+def _why_not_calibrated(args: argparse.Namespace, evaluation: Any) -> str:
+    """Why the scored probabilities carry no temperatures, and the command that would give them.
+
+    ``calibrate`` fits one checkpoint (best by default, as ``predict`` uses), while
+    ``evaluate --split`` scores last by default: name the mismatch rather than repeat a command
+    the user may have just run.
+    """
+    if not args.run:
+        return "the CSV's probabilities as given"
+    if not args.calibrated:
+        return "raw probabilities: --no-calibration"
+    from hiercls.calibration import CALIBRATION_FILE, read_calibration
+
+    run, which = evaluation.run_dir, evaluation.provenance.get("checkpoint")
+    command = f"`hiercls calibrate --run {args.run} --checkpoint {which}`"
+    fitted = read_calibration(run, evaluation.taxonomy)
+    if fitted is None:
+        return f"not calibrated: {command} fits temperatures"
+    if fitted.get("checkpoint") != which:
+        return (f"not calibrated: {Path(args.run) / CALIBRATION_FILE} was fitted on the {fitted.get('checkpoint')} "
+                f"checkpoint and this is the {which} one; {command} calibrates it, or --checkpoint "
+                f"{fitted.get('checkpoint')} evaluates the calibrated one")
+    loaded = getattr(evaluation, "loaded_run", None)
+    current_id = (loaded.metadata if loaded is not None else {}).get("checkpoint_id")
+    if fitted.get("checkpoint_id") and current_id and fitted.get("checkpoint_id") != current_id:
+        return (f"not calibrated: {Path(args.run) / CALIBRATION_FILE} was fitted on an earlier {which} checkpoint "
+                f"(the run trained on since); run {command} again")
+    return "not calibrated"
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -244,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     if "predictions.csv" in written:
         console.print(f"wrote {written['predictions.csv']} (the {metrics['checkpoint']} checkpoint, "
                       f"epoch {metrics['epoch']})")
-    _print_summary(metrics, evaluation.taxonomy, out)
+    _print_summary(metrics, evaluation.taxonomy, out, _why_not_calibrated(args, evaluation))
     if args.ci:
         from hiercls.stats import ci_lines
 
