@@ -296,7 +296,8 @@ def _calibration_lines(metrics: dict[str, Any], figures: Sequence[str]) -> list[
     lines = ["## Calibration", ""]
     if ece:
         lines += [f"Expected calibration error per depth ({ece['n_bins']} bins).", ""]
-        lines += _table(["depth", "ECE"], list(ece["per_depth"].items()))
+        lines += _table(["depth", "ECE", "images"],
+                        [[d, v, (ece.get("n_per_depth") or {}).get(d)] for d, v in ece["per_depth"].items()])
     if isinstance(calibration, dict):
         before, after = calibration.get("ece_before"), calibration.get("ece_after")
         before, after = (x if isinstance(x, dict) else {} for x in (before, after))

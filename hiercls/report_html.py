@@ -292,7 +292,8 @@ def _calibration_section(metrics: dict[str, Any], figures: dict[str, bytes]) -> 
             body += f'<p class="wrong">{_e(note)}</p>'
     if isinstance(ece, dict) and ece.get("per_depth"):
         body += (f"<h3>Expected calibration error per depth ({_e(ece.get('n_bins'))} bins)</h3>"
-                 + _table(["depth", "ECE"], list(ece["per_depth"].items())))
+                 + _table(["depth", "ECE", "images"],
+                          [[d, v, (ece.get("n_per_depth") or {}).get(d)] for d, v in ece["per_depth"].items()]))
     body += _img(figures.get(FIGURE_NAMES["reliability"]), "reliability diagram")
     if not isinstance(calibration, dict):
         body += _absent("Not calibrated: run `hiercls calibrate` for temperatures and a reliability diagram.")
