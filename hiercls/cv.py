@@ -461,8 +461,12 @@ class CVResult:
 # -- running the grid -----------------------------------------------------------------------
 
 
-def _prepare_out(config: CVConfig) -> Path:
-    """Create OUT, or check that an existing OUT is this cross-validation (same settings)."""
+def _prepare_out(config: CVConfig) -> tuple[Path, bool]:
+    """Create OUT, or check that an existing OUT is this cross-validation; True when its settings changed.
+
+    Settings may change only while no cell has finished (``cv_done.json``): a command that failed
+    before its first cell finished leaves no results that the corrected command could contradict.
+    """
     out = Path(config.out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: out must be a folder for the cross-validation, but a file has that name")
@@ -473,12 +477,17 @@ def _prepare_out(config: CVConfig) -> Path:
         except (yaml.YAMLError, YamlTooLarge) as exc:
             raise CheckpointError(f"{settings_path}: cannot read ({exc}); choose another out folder") from None
         changed = _changed_settings(stored.get("settings", {}), config.settings())
-        if changed:
+        if changed and _finished_cells(out):
             raise ConfigError(
                 f"{out}: holds a cross-validation with other settings ({'; '.join(changed[:3])}); its finished "
                 "folds would not be comparable. Choose another out folder (or restore the settings)"
             )
-    elif out.is_dir() and any(out.iterdir()):
+        # No cell finished (e.g. the last command failed): the new settings simply replace the old ones,
+        # and unfinished cells start again rather than resume a model trained with the old settings.
+        settings_changed = bool(changed)
+    else:
+        settings_changed = False
+    if not settings_path.is_file() and out.is_dir() and any(out.iterdir()):
         raise ConfigError(
             f"{out}: folder exists, is not empty and is not a hiercls cv folder (no {SETTINGS_FILE}); "
             "choose another out folder"
@@ -486,7 +495,12 @@ def _prepare_out(config: CVConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(settings_path, yaml.safe_dump(
         {"settings": config.settings(), "config": config.model_dump(mode="json")}, sort_keys=False))
-    return out
+    return out, settings_changed
+
+
+def _finished_cells(out: Path) -> list[Path]:
+    """The ``cv_done.json`` files under ``out`` (cells of every seed): results that new settings would orphan."""
+    return sorted(out.glob(f"*/fold*/{DONE_FILE}")) + sorted(out.glob(f"seed*/*/fold*/{DONE_FILE}"))
 
 
 def _changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -523,6 +537,21 @@ def _check_inputs(config: CVConfig) -> None:
     from hiercls.aggregate import get_aggregator
 
     get_aggregator(config.aggregator)
+    _check_folds(config)
+
+
+def _check_folds(config: CVConfig) -> None:
+    """Refuse more folds than groups (or images) now, before the plan is printed or OUT is written."""
+    from hiercls.data import load_images
+    from hiercls.data.splits import check_fold_count
+    from hiercls.taxonomy import load_taxonomy
+
+    full = load_taxonomy(config.taxonomy)
+    kept = full.exclude(config.exclude) if config.exclude else full
+    table = load_images(config.data, taxonomy=full, group_regex=config.group_regex, require_labels=True)
+    # the images each cell splits: those of the excluded nodes are dropped first (as ``hiercls fit`` does)
+    table = table.subset(np.array([i for i, label in enumerate(table.labels) if label in kept.index], dtype=np.int64))
+    check_fold_count(table, config.folds)
 
 
 def _absolute(config: CVConfig) -> CVConfig:
@@ -591,13 +620,16 @@ def run_cv(config: CVConfig, console: Console | None = None, progress: bool = Tr
     console = console or Console(stderr=True)
     config = _absolute(config)
     _check_inputs(config)
-    out = _prepare_out(config)
+    out, settings_changed = _prepare_out(config)
+    if settings_changed:
+        console.print(f"{out}: settings changed since the last command, which finished no cell; "
+                      "the cross-validation starts with the new settings")
     if config.seeds is None:
-        return _run_grid(config, out, console, progress)
+        return _run_grid(config, out, console, progress, restart=settings_changed)
     result = CVResult(out, out / "tables.md", out / "tables.json")
     for seed in config.seeds:
         one_seed = config.for_seed(seed)
-        part = _run_grid(one_seed, Path(one_seed.out), console, progress)
+        part = _run_grid(one_seed, Path(one_seed.out), console, progress, restart=settings_changed)
         result.cells += part.cells
         write_seed_tables(config, out)
         if part.interrupted:
@@ -606,13 +638,15 @@ def run_cv(config: CVConfig, console: Console | None = None, progress: bool = Tr
     return result
 
 
-def _run_grid(config: CVConfig, out: Path, console: Console, progress: bool) -> CVResult:
-    """The cells of one training seed, in ``out``."""
+def _run_grid(config: CVConfig, out: Path, console: Console, progress: bool, restart: bool = False) -> CVResult:
+    """The cells of one training seed, in ``out``; ``restart``: unfinished cells start again, not resume."""
     from hiercls import engine
 
     out.mkdir(parents=True, exist_ok=True)
     cells = config.cells
     states = {(s, b, k): _cell_state(cell_dir(out, s, b, k)) for s, b, k in cells}
+    if restart:
+        states = {cell: "restart" if state == "resume" else state for cell, state in states.items()}
     _print_plan(console, config, states, out)
     for backbone in config.backbones:
         if "pretrained" in config.fit and config.pretrained_for(backbone) is None:

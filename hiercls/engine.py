@@ -139,9 +139,20 @@ def _split(config: FitConfig, table) -> tuple[np.ndarray, np.ndarray, str]:
         train_idx, val_idx = folds[config.fold]
         return train_idx, val_idx, f"fold {config.fold} of {config.folds}"
     if config.effective_val_fraction > 0:
-        train_idx, val_idx = grouped_train_val_split(table, config.effective_val_fraction, split_seed)
-        return train_idx, val_idx, f"val_fraction {config.effective_val_fraction:g}"
+        asked = config.effective_val_fraction
+        train_idx, val_idx = grouped_train_val_split(table, asked, split_seed)
+        return train_idx, val_idx, _val_fraction_note(asked, len(val_idx) / len(table))
     return np.arange(len(table)), np.arange(0), "no validation set"
+
+
+def _val_fraction_note(asked: float, achieved: float) -> str:
+    """The summary's split note with the share really achieved (the split takes 1/k of the groups)."""
+    from hiercls.data.splits import val_fraction_folds
+
+    k = val_fraction_folds(asked)
+    if abs(1.0 / k - asked) > 0.005:
+        return f"val_fraction {achieved:.2f}: 1/{k} of the groups, {asked:g} asked"
+    return f"val_fraction {achieved:.2f}, {asked:g} asked"
 
 
 def _split_record(table, train_idx: np.ndarray, val_idx: np.ndarray) -> dict[str, list[str]]:

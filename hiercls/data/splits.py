@@ -26,6 +26,8 @@ __all__ = [
     "group_warning",
     "grouped_kfold",
     "grouped_train_val_split",
+    "check_fold_count",
+    "val_fraction_folds",
     "missing_label_warnings",
     "split_count_table",
 ]
@@ -97,17 +99,25 @@ def _warn(messages: list[str]) -> None:
         warnings.warn(message, DataWarning, stacklevel=3)
 
 
-def _kfold(table: ImageTable, n_folds: int, seed: int) -> list[Split]:
+def check_fold_count(table: ImageTable, n_folds: int) -> None:
+    """``ConfigError`` / ``DataError`` unless ``table`` has at least ``n_folds`` (>= 2) groups.
+
+    Cheap (no split is made), so ``hiercls cv`` can refuse an impossible grid before it prints or writes anything.
+    """
     if n_folds < 2:
         raise ConfigError(f"number of folds must be at least 2, got {n_folds}")
-    groups = group_ids(table)
-    n_groups = len(np.unique(groups))
+    n_groups = len(np.unique(group_ids(table)))
     if n_groups < n_folds:
         where = f"{table.source}: " if table.source else ""
         raise DataError(
             f"{where}only {n_groups} group(s) for {n_folds} folds; every fold needs its own groups: "
             f"use at most {n_groups} folds or provide finer groups"
         )
+
+
+def _kfold(table: ImageTable, n_folds: int, seed: int) -> list[Split]:
+    check_fold_count(table, n_folds)
+    groups = group_ids(table)
     strata = np.array([label if label is not None else "" for label in table.labels], dtype=object)
     _, y = np.unique(strata, return_inverse=True)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -124,18 +134,36 @@ def _kfold(table: ImageTable, n_folds: int, seed: int) -> list[Split]:
     return [(np.sort(train).astype(np.int64), np.sort(val).astype(np.int64)) for train, val in folds]
 
 
-def grouped_train_val_split(table: ImageTable, val_fraction: float = 0.2, seed: int = 0) -> Split:
-    """One grouped, stratified ``(train_idx, val_idx)`` split.
+def val_fraction_folds(val_fraction: float) -> int:
+    """The ``k`` whose first of ``k`` grouped folds is the validation part for ``val_fraction``.
 
-    Implemented as the first fold of ``StratifiedGroupKFold(n_splits=round(1 / val_fraction))``,
-    so the validation share is ``1 / n_splits`` (e.g. 0.2 -> 5 folds, 0.3 -> 3 folds, i.e. a third)
-    and, with groups, only approximately that.
+    The split takes ``1 / k`` of the groups, ``k = max(2, round(1 / val_fraction))``: 0.2 -> 5,
+    0.3 -> 3 (a third), 0.4 -> 2 (a half), and every value from 0.4 up also gives a half.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    n_splits = max(2, round(1.0 / val_fraction))
+    return max(2, round(1.0 / val_fraction))
+
+
+def grouped_train_val_split(table: ImageTable, val_fraction: float = 0.2, seed: int = 0) -> Split:
+    """One grouped, stratified ``(train_idx, val_idx)`` split.
+
+    Implemented as the first fold of ``StratifiedGroupKFold(n_splits=val_fraction_folds(val_fraction))``,
+    so the validation share is ``1 / n_splits`` (e.g. 0.2 -> 5 folds, 0.3 -> 3 folds, i.e. a third)
+    and, with groups, only approximately that. When ``1 / n_splits`` is not ``val_fraction`` a
+    ``DataWarning`` says which share the split really has.
+    """
+    n_splits = val_fraction_folds(val_fraction)
     split = _kfold(table, n_splits, seed)[0]
-    _warn(missing_label_warnings(table, [split]))
+    messages = missing_label_warnings(table, [split])
+    if abs(1.0 / n_splits - val_fraction) > 0.005:
+        achieved = len(split[1]) / max(1, len(table))
+        messages.insert(0, (
+            f"val_fraction {val_fraction:g} is not 1/k: the split takes 1/{n_splits} of the groups, so "
+            f"{len(split[1])} of {len(table)} images ({achieved:.2f}) are for validation; give "
+            f"{', '.join(f'{1 / k:.2g}' for k in (2, 3, 4, 5, 10))} (1/k) to get what you ask for"
+        ))
+    _warn(messages)
     return split
 
 
