@@ -44,6 +44,14 @@ def test_missing_label_column_is_an_error_where_labels_are_required(class_folder
         load_images(manifest, tiny_taxonomy)
 
 
+def test_a_manifest_of_paths_only_is_unlabelled_without_a_warning(class_folder, tiny_taxonomy):
+    manifest = write_manifest_csv(class_folder, ["path"], [row[:1] for row in _rows(class_folder)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = load_images(manifest, tiny_taxonomy, require_labels=False)
+    assert len(table) == 12 and all(label is None for label in table.labels)
+
+
 def test_misspelt_group_column_warns(class_folder, tiny_taxonomy):
     rows = [row + ["P1"] for row in _rows(class_folder)]
     manifest = write_manifest_csv(class_folder, ["path", "label", "gruop"], rows)

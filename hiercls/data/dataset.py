@@ -356,9 +356,10 @@ def _warn_about_columns(csv_path: Path, header: list[str], found: str) -> None:
     """Warn of a missing ``label`` column and of a column that looks like a misspelt ``group``.
 
     Without a label column every image reads as unlabelled, which prediction and the audit
-    accept; a warning keeps a typo in the header from passing unnoticed.
+    accept; a warning keeps a typo in the header from passing unnoticed. A manifest of paths
+    (and groups) only is unlabelled on purpose and gets no warning.
     """
-    if "label" not in header:
+    if "label" not in header and set(header) - {"path", "group", ""}:
         warnings.warn(
             f"{csv_path}: the manifest has no 'label' column (found: {found}), so every image is read as "
             f"unlabelled; name the label column 'label' in the header line{_did_you_mean(header, 'label')}",
