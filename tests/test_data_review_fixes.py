@@ -38,6 +38,18 @@ def test_missing_label_column_warns_where_labels_are_optional(class_folder, tiny
     assert len(table) == 12 and all(label is None for label in table.labels)
 
 
+def test_audit_counts_a_missing_label_column_as_a_problem(class_folder, tiny_taxonomy):
+    from hiercls.data import audit
+
+    manifest = write_manifest_csv(class_folder, ["path", "lable"], _rows(class_folder))
+    with pytest.warns(DataWarning):
+        table = load_images(manifest, tiny_taxonomy, require_labels=False, unknown_labels="keep")
+    assert audit(table, tiny_taxonomy, near_threshold=-1, min_size=1, progress=False).problems() == {"manifest without a 'label' column": 1}
+    paths_only = write_manifest_csv(class_folder, ["path"], [row[:1] for row in _rows(class_folder)])
+    table = load_images(paths_only, tiny_taxonomy, require_labels=False, unknown_labels="keep")
+    assert audit(table, tiny_taxonomy, near_threshold=-1, min_size=1, progress=False).problems() == {}
+
+
 def test_missing_label_column_is_an_error_where_labels_are_required(class_folder, tiny_taxonomy):
     manifest = write_manifest_csv(class_folder, ["path", "lable"], _rows(class_folder))
     with pytest.raises(DataError, match=r"missing column\(s\) label \(found: 'path', 'lable'\)"):

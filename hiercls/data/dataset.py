@@ -359,7 +359,7 @@ def _warn_about_columns(csv_path: Path, header: list[str], found: str) -> None:
     accept; a warning keeps a typo in the header from passing unnoticed. A manifest of paths
     (and groups) only is unlabelled on purpose and gets no warning.
     """
-    if "label" not in header and set(header) - {"path", "group", ""}:
+    if _label_column_missing(header):
         warnings.warn(
             f"{csv_path}: the manifest has no 'label' column (found: {found}), so every image is read as "
             f"unlabelled; name the label column 'label' in the header line{_did_you_mean(header, 'label')}",
@@ -369,6 +369,16 @@ def _warn_about_columns(csv_path: Path, header: list[str], found: str) -> None:
     if hint:
         warnings.warn(f"{csv_path}: the manifest has no 'group' column (found: {found}), so no image has a "
                       f"group; name the group column 'group' in the header line{hint}", DataWarning, stacklevel=5)
+
+
+def _label_column_missing(header: list[str]) -> bool:
+    """True for a header (lower case) with columns besides path and group but no ``label``."""
+    return "label" not in header and bool(set(header) - {"path", "group", ""})
+
+
+def label_column_missing(table: ImageTable) -> bool:
+    """True when ``table`` comes from a manifest with other columns but no ``label`` column (a typo?)."""
+    return _label_column_missing([c.strip().lower() for c in table.columns])
 
 
 def _did_you_mean(header: list[str], name: str) -> str:
