@@ -187,3 +187,13 @@ def test_evaluate_names_the_missing_label_column(excluded_run, tmp_path):
             evaluate_run(run, data=manifest, device="cpu")
     finally:
         manifest.unlink()
+
+
+def test_calibrate_reads_the_validation_images_of_a_run_with_exclusions(excluded_run):
+    from hiercls.calibration import _validation_table
+    from hiercls.inference import load_run, read_run_split
+
+    run, _ = excluded_run
+    with pytest.warns(DataWarning, match="'Reactive' x3"):
+        table = _validation_table(load_run(run, "best", calibrated=False), run)
+    assert {str(p.resolve()) for p in table.paths} == read_run_split(run)["val"]
