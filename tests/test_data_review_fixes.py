@@ -44,10 +44,11 @@ def test_audit_counts_a_missing_label_column_as_a_problem(class_folder, tiny_tax
     manifest = write_manifest_csv(class_folder, ["path", "lable"], _rows(class_folder))
     with pytest.warns(DataWarning):
         table = load_images(manifest, tiny_taxonomy, require_labels=False, unknown_labels="keep")
-    assert audit(table, tiny_taxonomy, near_threshold=-1, min_size=1, progress=False).problems() == {"manifest without a 'label' column": 1}
+    options = {"near_threshold": -1, "min_size": 1, "progress": False}
+    assert audit(table, tiny_taxonomy, **options).problems() == {"manifest without a 'label' column": 1}
     paths_only = write_manifest_csv(class_folder, ["path"], [row[:1] for row in _rows(class_folder)])
     table = load_images(paths_only, tiny_taxonomy, require_labels=False, unknown_labels="keep")
-    assert audit(table, tiny_taxonomy, near_threshold=-1, min_size=1, progress=False).problems() == {}
+    assert audit(table, tiny_taxonomy, **options).problems() == {}
 
 
 def test_missing_label_column_is_an_error_where_labels_are_required(class_folder, tiny_taxonomy):
