@@ -405,7 +405,7 @@ def calibration_section(
 
 def _validation_table(loaded, run_dir: Path):
     """The run's validation images (RUN/split.json), read from the run's data as ``evaluate --split val`` does."""
-    from hiercls.data import load_images
+    from hiercls.data import load_images, run_exclusions
     from hiercls.errors import ConfigError
     from hiercls.evaluation import run_split_subset
     from hiercls.inference import read_run_split
@@ -417,7 +417,8 @@ def _validation_table(loaded, run_dir: Path):
             "validation images; train with a validation split (--val-fraction or --fold) to calibrate"
         )
     config = loaded.config
-    table = load_images(config.data, loaded.taxonomy, group_regex=config.group_regex, require_labels=False)
+    table = load_images(config.data, loaded.taxonomy, group_regex=config.group_regex, require_labels=False,
+                        excluded=run_exclusions(config.taxonomy, config.exclude, loaded.taxonomy), excluded_rows="drop")
     return run_split_subset(table, run_dir, "val")
 
 

@@ -324,12 +324,14 @@ def _check_taxonomy(expected: str | Path | Taxonomy | None, loaded: LoadedRun, r
 def _images_to_score(loaded: LoadedRun, run_dir: Any, data: Any, split: str | None, group_regex: str | None,
                      checkpoint: str) -> tuple[ImageTable, list[str]]:
     """The images to predict (the run's split of them with ``split``) and warnings about optimistic scores."""
-    from hiercls.data import load_images
+    from hiercls.data import load_images, run_exclusions
     from hiercls.inference import run_image_warnings
 
     source = data or loaded.config.data
     regex = group_regex or (loaded.config.group_regex if not data else None)
-    table = load_images(source, loaded.taxonomy, group_regex=regex, require_labels=False)
+    excluded = run_exclusions(loaded.config.taxonomy, loaded.config.exclude, loaded.taxonomy)
+    table = load_images(source, loaded.taxonomy, group_regex=regex, require_labels=False, excluded=excluded,
+                        excluded_rows="drop")  # images of excluded nodes cannot be scored
     if split:
         return run_split_subset(table, Path(run_dir), split), []
     return table, run_image_warnings(run_dir, table.paths, checkpoint)
@@ -342,7 +344,9 @@ def _check_table(table: ImageTable, data: Any, group_by: str | None) -> None:
             "with a group column, or leave --group-by out"
         )
     if all(label is None for label in table.labels):
-        raise DataError(f"{data}: no image has a label; evaluation needs labelled images")
+        from hiercls.data.dataset import missing_label_column
+
+        raise DataError(missing_label_column(table) or f"{data}: no image has a label; evaluation needs labelled images")
 
 
 def evaluate_run(

@@ -52,7 +52,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hiercls.data import load_images
+    from hiercls.data import load_images, run_exclusions
     from hiercls.errors import ConfigError
     from hiercls.inference import load_run, predict_table, run_image_warnings
     from hiercls.predictions import write_predictions_csv
@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
     _check_writable(out)
     loaded = load_run(args.run, args.checkpoint, calibrated=args.calibrated)
-    table = load_images(args.data, taxonomy=loaded.taxonomy, group_regex=args.group_regex, require_labels=False)
+    excluded = run_exclusions(loaded.config.taxonomy, loaded.config.exclude, loaded.taxonomy)
+    table = load_images(args.data, taxonomy=loaded.taxonomy, group_regex=args.group_regex, require_labels=False,
+                        excluded=excluded)  # images of excluded nodes are predicted, unlabelled
     if len(table) == 0:
         raise ConfigError(f"{args.data}: no images found")
     for line in run_image_warnings(args.run, table.paths, args.checkpoint) + _calibration_warnings(loaded, table.paths):

@@ -3,7 +3,7 @@
 from hiercls.data.audit import AuditReport, audit
 from hiercls.data.cache import ImageCache, default_cache_dir
 from hiercls.data.coverage import check_training_coverage
-from hiercls.data.dataset import DataWarning, ImageTable, load_images, write_manifest
+from hiercls.data.dataset import DataWarning, Exclusions, ImageTable, load_images, run_exclusions, write_manifest
 from hiercls.data.images import IMAGE_EXTENSIONS, open_rgb
 from hiercls.data.splits import (
     group_warning,
@@ -16,6 +16,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "AuditReport",
     "DataWarning",
+    "Exclusions",
     "ImageCache",
     "ImageTable",
     "audit",
@@ -26,6 +27,7 @@ __all__ = [
     "grouped_train_val_split",
     "load_images",
     "open_rgb",
+    "run_exclusions",
     "split_count_table",
     "write_manifest",
 ]

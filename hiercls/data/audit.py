@@ -40,7 +40,7 @@ from rich.progress import (
 
 from hiercls.console import bars_enabled
 from hiercls.data import images as _images
-from hiercls.data.dataset import ImageTable, unknown_label_counts
+from hiercls.data.dataset import ImageTable, label_column_missing, unknown_label_counts
 from hiercls.data.images import open_rgb_bytes, read_regular_file
 from hiercls.errors import ConfigError, DataError
 from hiercls.taxonomy import Taxonomy
@@ -216,8 +216,11 @@ class AuditReport:
             "duplicate sets with conflicting labels": len(self.conflicting_duplicates),
             "duplicate sets across folds": len(self.cross_fold_duplicates),
             "broken links skipped": len(self.table.skipped),
+            "manifest without a 'label' column": int(label_column_missing(self.table)),
             "images kept": len(self.clean_indices()),
         }
+        if not out["manifest without a 'label' column"]:
+            del out["manifest without a 'label' column"]
         if self.min_group_images <= 1:
             del out[f"groups under {self.min_group_images} images"]
         if not self.checked_folds:

@@ -13,6 +13,7 @@ expression on the file name; splits keep each group on one side.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import os
 import re
@@ -27,11 +28,12 @@ from typing import Literal
 import numpy as np
 
 from hiercls.data.images import IMAGE_EXTENSIONS, is_image_file, read_regular_file
-from hiercls.errors import ConfigError, DataError, HierclsWarning
+from hiercls.errors import ConfigError, DataError, HierclsError, HierclsWarning
 from hiercls.io import default_file_mode
-from hiercls.taxonomy import Taxonomy
+from hiercls.taxonomy import Taxonomy, load_taxonomy
 
-__all__ = ["DataWarning", "ImageTable", "load_images", "unknown_label_counts", "write_manifest"]
+__all__ = ["DataWarning", "Exclusions", "ImageTable", "load_images", "missing_label_column", "run_exclusions",
+           "unknown_label_counts", "write_manifest"]
 
 _MAX_LISTED = 5  # line numbers / files quoted in one error message
 
@@ -56,6 +58,8 @@ class ImageTable:
     source: str = ""
     #: files found but left out while reading a folder (broken links, link loops)
     skipped: list[Path] = field(default_factory=list)
+    #: the manifest's header as written (empty for a folder)
+    columns: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.paths)
@@ -85,6 +89,7 @@ class ImageTable:
             groups=[self.groups[i] for i in idx],
             raw_labels=[self.raw_labels[i] for i in idx],
             source=self.source,
+            columns=list(self.columns),
         )
 
     def label_indices(self, taxonomy: Taxonomy) -> np.ndarray:
@@ -127,6 +132,8 @@ def load_images(
     group_regex: str | None = None,
     require_labels: bool = True,
     unknown_labels: Literal["raise", "keep"] = "raise",
+    excluded: Exclusions | None = None,
+    excluded_rows: Literal["unlabel", "drop"] = "unlabel",
 ) -> ImageTable:
     """Read a class-folder tree, a folder of images, or a CSV manifest into an ``ImageTable``.
 
@@ -139,26 +146,40 @@ def load_images(
 
     A folder holding a ``manifest.csv`` at its top is read through that manifest: it
     usually carries finer labels (and groups) than the class folders do.
+
+    ``excluded`` (:func:`run_exclusions`) names nodes a run was trained without
+    (``--exclude``): images labelled at or below them are not unknown labels but images the
+    run cannot score. ``excluded_rows="unlabel"`` keeps them without a label (prediction),
+    ``"drop"`` leaves them out (evaluation); either way a ``DataWarning`` names the labels
+    and counts.
     """
     data = Path(data)
     if not data.exists():
         raise DataError(f"{data}: not found; give a folder of class sub-folders, a folder of images or a CSV manifest")
     if data.is_dir() and (data / MANIFEST_NAME).is_file():
         data = data / MANIFEST_NAME
+    columns: list[str] = []
     if data.is_dir():
         root, paths, raw_labels, groups, skipped = _read_folder(data, require_labels)
         source = str(data)
     elif data.suffix.lower() == ".csv":
-        root, paths, raw_labels, groups = _read_manifest(data, require_labels)
+        root, paths, raw_labels, groups, columns = _read_manifest(data, require_labels)
         skipped = []
         source = str(data)
     else:
         raise DataError(f"{data}: not a folder or a .csv manifest; give a folder of class sub-folders or a CSV")
     if group_regex is not None:
         groups = _groups_from_regex(paths, group_regex, source)
-    labels = _resolve(raw_labels, taxonomy, source, unknown_labels)
+    if excluded is not None:
+        paths, raw_labels, groups = _set_aside_excluded(paths, raw_labels, groups, excluded, excluded_rows, source)
+    try:
+        labels = _resolve(raw_labels, taxonomy, source, unknown_labels)
+    except DataError as exc:
+        if excluded is None:
+            raise
+        raise DataError(f"{exc} ({excluded.hint()})") from None
     return ImageTable(root=root, paths=paths, labels=labels, groups=groups, raw_labels=raw_labels, source=source,
-                      skipped=skipped)
+                      skipped=skipped, columns=columns)
 
 
 def write_manifest(table: ImageTable, path: str | Path, overwrite: bool = False) -> None:
@@ -295,7 +316,7 @@ def _read_manifest(csv_path: Path, require_labels: bool):
     columns = _manifest_columns(csv_path, rows[0], require_labels)
     entries = _manifest_entries(csv_path, root, rows[1:], columns, require_labels)
     _check_listed_files(csv_path, root, entries)
-    return root, entries.paths, entries.raw_labels, entries.groups
+    return root, entries.paths, entries.raw_labels, entries.groups, [h.strip() for h in rows[0]]
 
 
 def _manifest_rows(csv_path: Path) -> list[list[str]]:
@@ -319,15 +340,61 @@ def _manifest_columns(csv_path: Path, header_row: list[str], require_labels: boo
     header = [h.strip().lower() for h in header_row]
     required = ["path", "label"] if require_labels else ["path"]
     missing = [c for c in required if c not in header]
+    found = ", ".join(repr(h.strip()) for h in header_row) or "none"
     if missing:
-        found = ", ".join(repr(h) for h in header_row) or "none"
         raise DataError(
             f"{csv_path}: missing column(s) {', '.join(missing)} (found: {found}); "
             "the first line must be a header such as 'path,label,group'"
         )
+    _warn_about_columns(csv_path, header, found)
     col_label = header.index("label") if "label" in header else None
     col_group = header.index("group") if "group" in header else None
     return header.index("path"), col_label, col_group
+
+
+def _warn_about_columns(csv_path: Path, header: list[str], found: str) -> None:
+    """Warn of a missing ``label`` column and of a column that looks like a misspelt ``group``.
+
+    Without a label column every image reads as unlabelled, which prediction and the audit
+    accept; a warning keeps a typo in the header from passing unnoticed. A manifest of paths
+    (and groups) only is unlabelled on purpose and gets no warning.
+    """
+    if _label_column_missing(header):
+        warnings.warn(
+            f"{csv_path}: the manifest has no 'label' column (found: {found}), so every image is read as "
+            f"unlabelled; name the label column 'label' in the header line{_did_you_mean(header, 'label')}",
+            DataWarning, stacklevel=5,
+        )
+    hint = _did_you_mean(header, "group") if "group" not in header else ""
+    if hint:
+        warnings.warn(f"{csv_path}: the manifest has no 'group' column (found: {found}), so no image has a "
+                      f"group; name the group column 'group' in the header line{hint}", DataWarning, stacklevel=5)
+
+
+def _label_column_missing(header: list[str]) -> bool:
+    """True for a header (lower case) with columns besides path and group but no ``label``."""
+    return "label" not in header and bool(set(header) - {"path", "group", ""})
+
+
+def label_column_missing(table: ImageTable) -> bool:
+    """True when ``table`` comes from a manifest with other columns but no ``label`` column (a typo?)."""
+    return _label_column_missing([c.strip().lower() for c in table.columns])
+
+
+def _did_you_mean(header: list[str], name: str) -> str:
+    """" (is 'lable' meant to be 'label'?)" for an unread column close to ``name``; '' when none is."""
+    unread = [h for h in header if h not in ("path", "label", "group")]
+    close = difflib.get_close_matches(name, unread, n=1, cutoff=0.6)
+    return f" (is '{close[0]}' meant to be '{name}'?)" if close else ""
+
+
+def missing_label_column(table: ImageTable) -> str | None:
+    """Why no image of ``table`` has a label when its manifest lacks a ``label`` column, else ``None``."""
+    if not table.columns or "label" in (c.strip().lower() for c in table.columns):
+        return None
+    found = ", ".join(repr(c) for c in table.columns)
+    return (f"{table.source}: the manifest has no 'label' column (found: {found}); "
+            "name the label column 'label' in the header line")
 
 
 @dataclass
@@ -480,3 +547,82 @@ def _resolve(
             except DataError:
                 mapping[label] = None
     return [mapping[lab] if lab is not None else None for lab in raw_labels]
+
+
+# ----------------------------------------------------------------------------------------
+# Nodes a run was trained without (--exclude)
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Nodes a run left out of its tree (``--exclude``), to recognise their labels in data.
+
+    ``full`` is the tree before the exclusion when it can still be read (the run's config
+    names it); without it only labels naming an excluded node itself are recognised.
+    """
+
+    nodes: tuple[str, ...]
+    full: Taxonomy | None = None
+    taxonomy_file: str = ""
+
+    def excluded_node(self, raw_label: str) -> str | None:
+        """The excluded node at or above ``raw_label`` (a name or alias), else ``None``."""
+        if self.full is None:
+            return raw_label if raw_label in self.nodes else None
+        try:
+            node = self.full.resolve(raw_label)
+        except DataError:
+            return None
+        return next((n for n in self.full.path(node) if n in self.nodes), None)
+
+    def hint(self) -> str:
+        """Why a label of the full tree may be unknown to the run, and what to do."""
+        nodes = ", ".join(self.nodes)
+        if self.full is not None:
+            return f"the run was trained without {nodes} (--exclude)"
+        return (f"the run was trained without {nodes} (--exclude), and its original taxonomy "
+                f"{self.taxonomy_file or '(unknown)'} cannot be read to recognise labels below them; "
+                "put that file back or remove those rows")
+
+
+def run_exclusions(taxonomy_file: str | Path | None, exclude: Sequence[str], run_taxonomy: Taxonomy) -> Exclusions | None:
+    """The :class:`Exclusions` of a run from its config's ``taxonomy`` and ``exclude``; ``None`` without exclusions.
+
+    The original tree is used only when it still gives the run's tree once the nodes are
+    excluded (the file may have moved or changed since training).
+    """
+    if not exclude:
+        return None
+    full: Taxonomy | None = None
+    try:
+        candidate = load_taxonomy(taxonomy_file) if taxonomy_file else None
+        if candidate is not None and candidate.exclude(list(exclude)).fingerprint == run_taxonomy.fingerprint:
+            full = candidate
+    except (HierclsError, OSError):
+        full = None
+    return Exclusions(tuple(exclude), full, str(taxonomy_file or ""))
+
+
+def _set_aside_excluded(
+    paths: list[Path], raw_labels: list[str | None], groups: list[str | None], excluded: Exclusions,
+    action: str, source: str,
+) -> tuple[list[Path], list[str | None], list[str | None]]:
+    """Unlabel (``"unlabel"``) or drop (``"drop"``) images labelled under excluded nodes, with a warning."""
+    if action not in ("unlabel", "drop"):
+        raise ValueError(f"excluded_rows must be 'unlabel' or 'drop', not {action!r}")
+    hit = [raw is not None and excluded.excluded_node(raw) is not None for raw in raw_labels]
+    if not any(hit):
+        return paths, raw_labels, groups
+    counts = Counter(raw for raw, h in zip(raw_labels, hit) if h)
+    listed = ", ".join(f"'{label}' x{n}" for label, n in counts.most_common())
+    what = (f"{sum(hit)} image(s) labelled under node(s) the run was trained without "
+            f"(--exclude {' '.join(excluded.nodes)}): {listed}")
+    if action == "unlabel":
+        warnings.warn(f"{source}: {what}; they are predicted like unlabelled images", DataWarning, stacklevel=3)
+        return paths, [None if h else raw for raw, h in zip(raw_labels, hit)], groups
+    keep = [i for i, h in enumerate(hit) if not h]
+    if not keep:
+        raise DataError(f"{source}: all {what}; the run cannot score them, give images of the nodes it was trained on")
+    warnings.warn(f"{source}: {what}; they are left out of the scores, since the run cannot predict those nodes",
+                  DataWarning, stacklevel=3)
+    return [paths[i] for i in keep], [raw_labels[i] for i in keep], [groups[i] for i in keep]
