@@ -6,11 +6,12 @@ import csv
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from hiercls.data import DataWarning, Exclusions, load_images, run_exclusions
 from hiercls.errors import DataError
+
+from conftest import write_smears
 
 REPO = Path(__file__).resolve().parents[1]
 LEUKEMIA = REPO / "taxonomy" / "leukemia.yaml"
@@ -120,26 +121,13 @@ def test_unknown_label_error_names_the_exclusion_when_the_original_tree_is_gone(
 # -- a run trained with --exclude, end to end ----------------------------------------------
 
 
-def write_smears(root: Path, per_label: int = 3, size: int = 16) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for li, label in enumerate(LABELS):
-        (root / label).mkdir(parents=True)
-        for k in range(per_label):
-            base = np.array([30 * li % 255, 255 - 25 * li, 90 + 15 * k], dtype=np.float64)
-            pixels = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / label / f"slide{k}_{label}_{k}.jpg", quality=90)
-    return root
-
-
 @pytest.fixture(scope="module")
 def excluded_run(tmp_path_factory) -> tuple[Path, Path]:
     from hiercls.config import load_config
     from hiercls.engine import fit
 
     base = tmp_path_factory.mktemp("excluded")
-    smears = write_smears(base / "data")
+    smears = write_smears(base / "data", LABELS, per_label=3, seed=0)
     run = base / "run"
     config = load_config(None, {
         "taxonomy": str(LEUKEMIA), "data": str(smears), "out": str(run), "backbone": "test_resnet",
