@@ -630,7 +630,10 @@ class Taxonomy:
         """A new taxonomy without ``nodes`` and their subtrees (the paper's "Without Reactive")."""
         for node in nodes:
             if node not in self.graph.nodes or node == self.root:
-                raise TaxonomyError(f"cannot exclude '{node}': not a (non-root) node of '{self.name}'")
+                names = [n for n in self.nodes if n != self.root]
+                close = difflib.get_close_matches(str(node), names, n=3, cutoff=0.5)
+                hint = f" (closest: {', '.join(close)})" if close else ""
+                raise TaxonomyError(f"cannot exclude '{node}': not a (non-root) node of '{self.name}'{hint}")
         dropped = set(nodes)
 
         def prune(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

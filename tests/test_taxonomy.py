@@ -177,6 +177,8 @@ def test_exclude_drops_subtree(tiny_taxonomy):
     assert smaller.fingerprint != tiny_taxonomy.fingerprint
     with pytest.raises(TaxonomyError):
         tiny_taxonomy.exclude(["nope"])
+    with pytest.raises(TaxonomyError, match=r"cannot exclude 'plnat'.*\(closest: plant\b"):
+        tiny_taxonomy.exclude(["plnat"])  # a typo gets the name it was meant to be, as unknown labels do
 
 
 def test_yaml_round_trip(tiny_taxonomy, tmp_path):
