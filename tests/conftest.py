@@ -79,6 +79,19 @@ def write_smears(root: Path, labels, per_label: int, seed: int, suffix: str = ".
     return root
 
 
+def fit_leukemia_smears(root: Path, *, epochs: int, seed: int) -> tuple[Path, Path]:
+    """A tiny run (test_resnet, 16 px) on 12 leukemia smears of 3 slides: (run folder, data folder)."""
+    from hiercls.cli import main
+
+    data = write_smears(root / "data", ("Normal", "Reactive", "ALL", "CLL"), per_label=3, seed=seed)
+    run = root / "run"
+    assert main(["fit", "--taxonomy", str(REPO_ROOT / "taxonomy" / "leukemia.yaml"), "--data", str(data),
+                 "--out", str(run), "--backbone", "test_resnet", "--img-size", "16", "--epochs", str(epochs),
+                 "--batch-size", "8", "--device", "cpu", "--group-regex", r"^(slide\d)_", "--val-fraction", "0.34",
+                 "--cache-dir", str(root / "cache"), "--no-progress", "--allow-incomplete-tree"]) == 0
+    return run, data
+
+
 @pytest.fixture
 def make_image() -> Callable[..., Path]:
     """``make_image(path, size=(24, 24), seed=0, image=None, **save_kwargs) -> Path``."""

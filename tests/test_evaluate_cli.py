@@ -257,14 +257,9 @@ def test_figure_names_apart_on_case_insensitive_file_systems_and_long_names():
 
 def test_run_split_scores_the_last_checkpoint_by_default(tmp_path, capsys):
     """--split val: ``best`` was chosen on those images, so ``last`` is scored unless asked otherwise."""
-    from conftest import write_smears
+    from conftest import fit_leukemia_smears
 
-    data = write_smears(tmp_path / "data", ("Normal", "Reactive", "ALL", "CLL"), per_label=3, seed=2)
-    run = tmp_path / "run"
-    assert main(["fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(run), "--backbone",
-                 "test_resnet", "--img-size", "16", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
-                 "--group-regex", r"^(slide\d)_", "--val-fraction", "0.34", "--cache-dir", str(tmp_path / "cache"),
-                 "--no-progress", "--allow-incomplete-tree"]) == 0
+    run, data = fit_leukemia_smears(tmp_path, epochs=2, seed=2)
     epochs = {w: json.loads((run / "checkpoints" / f"{w}.json").read_text())["epoch"] for w in ("best", "last")}
     for extra, which in (((), "last"), (("--checkpoint", "best"), "best")):
         out = tmp_path / f"eval-{which}"

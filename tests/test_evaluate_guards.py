@@ -91,15 +91,9 @@ def test_a_csv_ece_line_does_not_ask_to_calibrate_a_run(preds_csv, tmp_path, cap
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    from conftest import write_smears
+    from conftest import fit_leukemia_smears
 
-    root = tmp_path_factory.mktemp("calibrated")
-    data = write_smears(root / "data", ("Normal", "Reactive", "ALL", "CLL"), per_label=3, seed=2)
-    run = root / "run"
-    assert main(["fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(run), "--backbone",
-                 "test_resnet", "--img-size", "16", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
-                 "--group-regex", r"^(slide\d)_", "--val-fraction", "0.34", "--cache-dir", str(root / "cache"),
-                 "--no-progress", "--allow-incomplete-tree"]) == 0
+    run, _ = fit_leukemia_smears(tmp_path_factory.mktemp("calibrated"), epochs=2, seed=2)
     return run
 
 

@@ -17,7 +17,7 @@ from hiercls.metrics import hierarchical_prf
 from hiercls.predictions import PredictionSet
 from hiercls.probabilities import NodeProbabilities
 
-from conftest import write_smears
+from conftest import fit_leukemia_smears
 
 REPO = Path(__file__).resolve().parents[1]
 LEUKEMIA = REPO / "taxonomy" / "leukemia.yaml"
@@ -29,14 +29,7 @@ RUN_PROVENANCE = {"run", "checkpoint", "epoch", "strategy", "backbone", "img_siz
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A one-epoch run of a tiny backbone on 12 smears of 3 slides: (run folder, data folder)."""
-    root = tmp_path_factory.mktemp("evaluation")
-    data = write_smears(root / "data", ("Normal", "Reactive", "ALL", "CLL"), per_label=3, seed=3)
-    run = root / "run"
-    assert main(["fit", "--taxonomy", str(LEUKEMIA), "--data", str(data), "--out", str(run), "--backbone",
-                 "test_resnet", "--img-size", "16", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
-                 "--group-regex", GROUP_REGEX, "--val-fraction", "0.34", "--cache-dir", str(root / "cache"),
-                 "--no-progress", "--allow-incomplete-tree"]) == 0
-    return run, data
+    return fit_leukemia_smears(tmp_path_factory.mktemp("evaluation"), epochs=1, seed=3)
 
 
 def _without_date(metrics: dict) -> dict:
